@@ -336,7 +336,8 @@ class HarmonyStreamParser:
     Malformed output degrades instead of raising: text where a header should be, a header that runs on
     (a newline in it, or more than ``max_header_tokens`` tokens), or text between messages becomes content
     with ``channel=None``; a header started without ``<|end|>`` closes the current message; unknown or
-    misplaced control tokens are ignored.
+    misplaced control tokens are ignored. After a :class:`Stop` the parser keeps parsing whatever it is
+    fed; the caller normally stops sampling there.
 
     Text is decoded incrementally: the content ids not yet shown are decoded together and emitted unless
     the text ends in U+FFFD (an incomplete UTF-8 sequence), in which case they are held back until the
@@ -414,7 +415,10 @@ class HarmonyStreamParser:
         self._header_count = 0
 
     def _header_has_text(self) -> bool:
-        return any(self._header_ids) or len(self._header_marks) > 1
+        """False for an empty header, or one holding only whitespace (e.g. a newline between messages)."""
+        if len(self._header_marks) > 1:
+            return True
+        return bool(self._header_ids[0]) and bool(self.tokenizer.decode(self._header_ids[0]).strip())
 
     def _header_parts(self) -> list[tuple[int | None, str]]:
         return [

@@ -430,6 +430,12 @@ def test_truncated_stream_flushes_incomplete_character_on_finish(tok):
     assert events[-1].message.channel == "final"
 
 
+def test_trailing_whitespace_after_a_message_makes_no_message(tok):
+    ids = completion_ids(tok, H.CHANNEL, "final", H.MESSAGE, "b", H.END, "\n\n")
+    assert parse_completion(tok, ids) == [Message("assistant", "b", "final")]
+    assert parse_completion(tok, tok.encode("\n") + [H.RETURN]) == []
+
+
 def test_newline_between_messages_is_ignored(tok):
     ids = completion_ids(
         tok, H.CHANNEL, "analysis", H.MESSAGE, "a", H.END, "\n",
