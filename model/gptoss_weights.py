@@ -1,0 +1,321 @@
+"""Reading OpenAI's published gpt-oss checkpoints (spec sections 2.2-2.5) into `Transformer`.
+
+Both layouts are memory-mapped: tensors are views of the files until used. Experts stored as MXFP4 either stay
+packed (`PackedExperts`: each expert decoded when a token routes to it, decoded experts kept in an LRU cache under
+a byte budget) or are decoded once at load time (`experts="dense"`, for small checkpoints and big GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+from collections import OrderedDict
+from pathlib import Path
+from threading import Lock
+
+import torch
+from torch import nn
+
+from .checkpoint import _ST_DTYPES, CheckpointError, read_safetensors_header
+from .config import ModelConfig
+from .layers import swiglu
+from .mxfp4 import dequantize_mxfp4
+
+# ---- config ------------------------------------------------------------------------------------------------
+
+
+def config_from_hf(d: dict, source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a transformers GptOss config.json (4.x `rope_scaling` or 5.x `rope_parameters`)."""
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope and rope.get("rope_type", "yarn") != "yarn":
+        raise CheckpointError(f"{source}: rope type {rope.get('rope_type')!r} is not gpt-oss's YaRN")
+    n = d["num_hidden_layers"]
+    window = d.get("sliding_window") or 0
+    types = d.get("layer_types")
+    if types is not None:
+        expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        if types != expected:
+            raise CheckpointError(f"{source}: layer_types must alternate sliding/full starting with sliding "
+                                  "(gpt-oss); other patterns are not supported")
+    return ModelConfig(
+        arch="gptoss", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=n,
+        num_attention_heads=d["num_attention_heads"], num_key_value_heads=d["num_key_value_heads"],
+        head_dim=d.get("head_dim", d["hidden_size"] // d["num_attention_heads"]),
+        num_experts=d.get("num_local_experts", d.get("num_experts")),
+        experts_per_token=d.get("num_experts_per_tok", d.get("experts_per_token")),
+        intermediate_size=d["intermediate_size"], swiglu_limit=d.get("swiglu_limit", 7.0), sliding_window=window,
+        rope_theta=rope.get("rope_theta", d.get("rope_theta", 150000.0)),
+        rope_scaling_factor=rope.get("factor", 1.0), rope_ntk_alpha=rope.get("beta_slow", 1.0),
+        rope_ntk_beta=rope.get("beta_fast", 32.0),
+        initial_context_length=rope.get("original_max_position_embeddings", d.get("initial_context_length", 4096)),
+        max_context=d.get("max_position_embeddings", 131072), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+        extra={"source_format": "hf"})
+
+
+def config_from_original(d: dict) -> ModelConfig:
+    """ModelConfig from `original/config.json` (exactly the reference's 16 fields)."""
+    return ModelConfig(
+        arch="gptoss", vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+        num_key_value_heads=d["num_key_value_heads"], head_dim=d["head_dim"], num_experts=d["num_experts"],
+        experts_per_token=d["experts_per_token"], intermediate_size=d["intermediate_size"],
+        swiglu_limit=d.get("swiglu_limit", 7.0), sliding_window=d["sliding_window"], rope_theta=d["rope_theta"],
+        rope_scaling_factor=d["rope_scaling_factor"], rope_ntk_alpha=d["rope_ntk_alpha"],
+        rope_ntk_beta=d["rope_ntk_beta"], initial_context_length=d["initial_context_length"],
+        max_context=d["initial_context_length"] * int(d["rope_scaling_factor"]), extra={"source_format": "original"})
+
+
+# ---- memory-mapped safetensors ------------------------------------------------------------------------------
+class MappedSafetensors:
+    """Zero-copy tensors over a safetensors file (copy-on-write mapping: pages are read on first touch)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header = read_safetensors_header(self.path)
+        with open(self.path, "rb") as f:
+            self._start = 8 + int.from_bytes(f.read(8), "little")
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def keys(self):
+        return self.header.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        a, b = info["data_offsets"]
+        count = (b - a) // torch.empty((), dtype=dtype).element_size()
+        t = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._start + a)
+        return t.view(info["shape"])
+
+
+def _open_dir(directory: Path) -> dict[str, tuple[MappedSafetensors, str]]:
+    """name -> (file, name) over every safetensors file of a directory (sharded or not)."""
+    index = directory / "model.safetensors.index.json"
+    files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()}) \
+        if index.exists() else sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {directory}")
+    table: dict[str, tuple[MappedSafetensors, str]] = {}
+    for f in files:
+        st = MappedSafetensors(f)
+        for k in st.keys():
+            table[k] = (st, k)
+    return table
+
+
+# ---- name mapping -------------------------------------------------------------------------------------------
+_HF_RENAMES = [
+    (r"model\.embed_tokens\.weight", "embedding.weight"),
+    (r"model\.norm\.weight", "norm.scale"),
+    (r"lm_head\.weight", "unembedding.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"block.\1.attn.norm.scale"),
+    (r"model\.layers\.(\d+)\.self_attn\.sinks", r"block.\1.attn.sinks"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", r"block.\1.attn.out.\2"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"block.\1.mlp.norm.scale"),
+    (r"model\.layers\.(\d+)\.mlp\.router\.(weight|bias)", r"block.\1.mlp.gate.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj_bias", r"block.\1.mlp.experts.mlp1_bias"),
+    (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj_bias", r"block.\1.mlp.experts.mlp2_bias"),
+]
+_ORIG_RENAMES = [
+    (r"block\.(\d+)\.mlp\.mlp1_bias", r"block.\1.mlp.experts.mlp1_bias"),
+    (r"block\.(\d+)\.mlp\.mlp2_bias", r"block.\1.mlp.experts.mlp2_bias"),
+]
+
+
+class _Source:
+    """Uniform access to one layout: plain tensors under our names, and experts as packed or plain tensors."""
+
+    def __init__(self, directory: Path, fmt: str):
+        self.dir, self.fmt = directory, fmt
+        self.table = _open_dir(directory)
+        self.used: set[str] = set()
+
+    def raw(self, name: str) -> torch.Tensor:
+        if name not in self.table:
+            raise CheckpointError(f"{self.dir}: missing tensor {name}")
+        self.used.add(name)
+        st, key = self.table[name]
+        return st.get(key)
+
+    def plain(self) -> dict[str, torch.Tensor]:
+        """Every non-expert-weight tensor under our names (qkv fused for HF)."""
+        out: dict[str, torch.Tensor] = {}
+        renames = _HF_RENAMES if self.fmt == "hf" else _ORIG_RENAMES
+        for name in self.table:
+            if re.search(r"(mlp1_weight|mlp2_weight|gate_up_proj|down_proj)(_blocks|_scales|\.blocks|\.scales)?$",
+                         name) and not name.endswith("_bias"):
+                continue
+            if self.fmt == "hf" and re.search(r"self_attn\.[qkv]_proj", name):
+                continue
+            new = name
+            for pat, rep in renames:
+                if re.fullmatch(pat, name):
+                    new = re.sub(pat, rep, name)
+                    break
+            out[new] = self.raw(name)
+        if self.fmt == "hf":
+            n = 1 + max(int(m.group(1)) for k in self.table if (m := re.match(r"model\.layers\.(\d+)\.", k)))
+            for i in range(n):
+                for kind in ("weight", "bias"):
+                    parts = [self.raw(f"model.layers.{i}.self_attn.{p}_proj.{kind}") for p in "qkv"]
+                    out[f"block.{i}.attn.qkv.{kind}"] = torch.cat(parts, 0)
+        return out
+
+    def expert(self, layer: int, which: str):
+        """('packed', blocks, scales) or ('plain', weight in our out x in layout) for mlp1/mlp2 of a layer."""
+        if self.fmt == "hf":
+            base = f"model.layers.{layer}.mlp.experts.{'gate_up_proj' if which == 'mlp1' else 'down_proj'}"
+            if base + "_blocks" in self.table:
+                return "packed", self.raw(base + "_blocks"), self.raw(base + "_scales")
+            return "plain", self.raw(base).transpose(1, 2)  # HF stores [E, in, out]
+        base = f"block.{layer}.mlp.{which}_weight"
+        if base + ".blocks" in self.table:
+            return "packed", self.raw(base + ".blocks"), self.raw(base + ".scales")
+        return "plain", self.raw(base)
+
+
+# ---- packed experts -----------------------------------------------------------------------------------------
+class DecodedExpertCache:
+    """LRU of decoded experts shared by all layers, bounded in bytes. A budget of 0 stores nothing."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = int(budget_bytes)
+        self.used = 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, key: tuple, make):
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return item
+        self.misses += 1
+        item = make()
+        size = sum(t.numel() * t.element_size() for t in item)
+        if size <= self.budget:
+            with self._lock:
+                while self.used + size > self.budget and self._items:
+                    _, old = self._items.popitem(last=False)
+                    self.used -= sum(t.numel() * t.element_size() for t in old)
+                self._items[key] = item
+                self.used += size
+        return item
+
+    def stats(self) -> dict:
+        return {"budget_bytes": self.budget, "used_bytes": self.used, "entries": len(self._items),
+                "hits": self.hits, "misses": self.misses}
+
+
+class PackedExperts(nn.Module):
+    """Experts kept MXFP4-packed (memory-mapped); same call as `layers.Experts`.
+
+    forward(x [n, C, D], expert_ids [n]) decodes each selected expert (or takes it from the shared LRU cache) and
+    runs it on its tokens. Calling it without expert_ids means all E experts."""
+
+    def __init__(self, layer: int, cfg: ModelConfig, mlp1, mlp2, mlp1_bias, mlp2_bias, cache: DecodedExpertCache,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.layer, self.limit, self.dtype, self.dev = layer, cfg.swiglu_limit, dtype, torch.device(device)
+        self.num_experts = cfg.num_experts
+        self.mlp1_blocks, self.mlp1_scales = mlp1
+        self.mlp2_blocks, self.mlp2_scales = mlp2
+        self.register_buffer("mlp1_bias", mlp1_bias.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("mlp2_bias", mlp2_bias.to(device=device, dtype=dtype), persistent=False)
+        self.cache = cache
+
+    def _decode(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def make():
+            w1 = dequantize_mxfp4(self.mlp1_blocks[e], self.mlp1_scales[e], self.dtype)
+            w2 = dequantize_mxfp4(self.mlp2_blocks[e], self.mlp2_scales[e], self.dtype)
+            return w1.to(self.dev), w2.to(self.dev)
+
+        return self.cache.get((self.layer, e), make)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+        ids = list(range(self.num_experts)) if expert_ids is None else expert_ids.tolist()
+        out = torch.empty_like(x)
+        for i, e in enumerate(ids):
+            w1, w2 = self._decode(e)
+            h = torch.addmm(self.mlp1_bias[e].to(x.dtype), x[i], w1.t().to(x.dtype))
+            out[i] = torch.addmm(self.mlp2_bias[e].to(x.dtype), swiglu(h, self.limit), w2.t().to(x.dtype))
+        return out
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+def load_gpt_oss(path: Path, fmt: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 experts: str = "auto", expert_cache_bytes: int | None = None):
+    """Build a Transformer from an HF-layout directory or a directory holding (or being) `original/`.
+
+    experts: "dense" decodes every expert at load; "packed" keeps MXFP4 experts packed with an LRU of decoded
+    experts (`expert_cache_bytes`, default 4 GiB); "auto" picks packed when the decoded experts would not fit
+    comfortably in available memory."""
+    from .gptoss import Transformer
+
+    dtype = dtype or torch.bfloat16
+    if fmt == "original" and (path / "original" / "config.json").exists():
+        path = path / "original"
+    cfg_d = json.loads((path / "config.json").read_text())
+    cfg = config_from_hf(cfg_d, str(path / "config.json")) if fmt == "hf" else config_from_original(cfg_d)
+    src = _Source(path, fmt)
+    plain = src.plain()
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    packed_any = src.expert(0, "mlp1")[0] == "packed"
+    if experts == "auto":
+        experts = "dense"
+        if packed_any:
+            import psutil
+
+            E, D, I, L = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+            decoded = L * E * 3 * D * I * torch.empty((), dtype=dtype).element_size()
+            if decoded > 0.5 * psutil.virtual_memory().available:
+                experts = "packed"
+    cache = DecodedExpertCache(4 << 30 if expert_cache_bytes is None else expert_cache_bytes)
+
+    state = model.state_dict()
+    expected = {k for k in state if ".mlp.experts.mlp1_weight" not in k and ".mlp.experts.mlp2_weight" not in k}
+    missing, unexpected = sorted(expected - set(plain)), sorted(set(plain) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the config: missing {missing[:6]}, "
+                              f"unexpected {unexpected[:6]}")
+    for k, t in plain.items():
+        if tuple(t.shape) != tuple(state[k].shape):
+            raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(state[k].shape)}")
+
+    model = model.to_empty(device=device)
+    from .layers import RotaryEmbedding
+
+    model.rope = RotaryEmbedding(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in plain:  # .to() returns the mapped view itself when dtype and device already match
+                want = torch.float32 if name.endswith("norm.scale") else dtype
+                p.data = plain[name].to(device=device, dtype=want)
+        for i, blk in enumerate(model.block):
+            m1, m2 = src.expert(i, "mlp1"), src.expert(i, "mlp2")
+            E, D, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+            for which, got, shape in (("mlp1", m1, (E, 2 * I, D)), ("mlp2", m2, (E, D, I))):
+                dec_shape = (*got[1].shape[:-2], got[1].shape[-2] * 32) if got[0] == "packed" else tuple(got[1].shape)
+                if tuple(dec_shape) != shape:
+                    raise CheckpointError(f"{path}: layer {i} {which} experts decode to {tuple(dec_shape)}, "
+                                          f"expected {shape}")
+            if experts == "packed" and m1[0] == "packed" and m2[0] == "packed":
+                blk.mlp.experts = PackedExperts(
+                    i, cfg, (m1[1], m1[2]), (m2[1], m2[2]), plain[f"block.{i}.mlp.experts.mlp1_bias"],
+                    plain[f"block.{i}.mlp.experts.mlp2_bias"], cache, dtype, device)
+                continue
+            ex = blk.mlp.experts
+            w1 = dequantize_mxfp4(m1[1], m1[2], dtype) if m1[0] == "packed" else m1[1].to(dtype)
+            w2 = dequantize_mxfp4(m2[1], m2[2], dtype) if m2[0] == "packed" else m2[1].to(dtype)
+            ex.mlp1_weight.data = w1.to(device).contiguous()
+            ex.mlp2_weight.data = w2.to(device).contiguous()
+    model.expert_cache = cache
+    model.config.extra["checkpoint_path"] = str(path)
+    return model.eval()

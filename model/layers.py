@@ -1,0 +1,341 @@
+"""Building blocks of the GPT-OSS transformer (spec: ../shared/docs/gpt-oss-spec.md, sections 1.3-1.6).
+
+Shapes in comments: B batch, T new tokens, S keys attended, D hidden size, Hq/Hkv query/key-value heads,
+hd head dim, E experts, K experts per token, I expert width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * scale, computed in fp32 and cast back (gain only, no +1 offset)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale.float()
+        return y.to(x.dtype)
+
+
+# ---- rotary embedding with YaRN ---------------------------------------------------------------------------
+def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the concentration factor c of gpt-oss's YaRN (spec 1.5), in fp64 then fp32.
+
+    With rope_scaling_factor <= 1 this is plain RoPE (c = 1)."""
+    d, theta, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor
+    freq = theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # f_i = theta^(2i/d)
+    if s <= 1.0:
+        return (1.0 / freq).float(), 1.0
+    c = 0.1 * math.log(s) + 1.0
+    L0 = cfg.initial_context_length
+    low = (d / 2) * math.log(L0 / (cfg.rope_ntk_beta * 2 * math.pi)) / math.log(theta)
+    high = (d / 2) * math.log(L0 / (cfg.rope_ntk_alpha * 2 * math.pi)) / math.log(theta)
+    if not 0 < low < high < d / 2 - 1:
+        raise ValueError(f"YaRN ramp out of range (low={low:.3f}, high={high:.3f}) for head_dim={d}")
+    i = torch.arange(d // 2, dtype=torch.float64)
+    r = ((i - low) / (high - low)).clamp(0, 1)
+    inv_freq = (1 - r) / freq + r / (s * freq)
+    return inv_freq.float(), c
+
+
+class RotaryEmbedding(nn.Module):
+    """Half-split (NeoX) rotation; cos/sin are scaled by YaRN's c and cached for all positions up to a limit."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.concentration = yarn_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def _table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:
+            size = max(n, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
+            pos = torch.arange(size, dtype=torch.float32, device=device)
+            ang = pos[:, None] * self.inv_freq.to(device)[None, :]  # [P, hd/2]
+            self._cos = ang.cos() * self.concentration
+            self._sin = ang.sin() * self.concentration
+        return self._cos, self._sin
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, H, T, hd], positions [T] (int) -> rotated x, same dtype."""
+        cos_t, sin_t = self._table(int(positions.max()) + 1, x.device)
+        cos = cos_t[positions].to(x.dtype)  # [T, hd/2]
+        sin = sin_t[positions].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---- KV cache ----------------------------------------------------------------------------------------------
+class LayerKVCache:
+    """Keys/values of one layer for one generation call.
+
+    Full-attention layers grow with the context. Sliding-window layers keep a ring buffer of the last `window`
+    positions, so their memory is bounded however long the story gets. Each slot remembers its absolute position,
+    which is all the attention mask needs (softmax does not care about slot order)."""
+
+    def __init__(self, batch: int, n_kv: int, head_dim: int, window: int, dtype: torch.dtype,
+                 device: torch.device | str, capacity: int = 256):
+        self.window = window
+        cap = window if window else capacity
+        self.k = torch.zeros(batch, n_kv, cap, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((cap,), -1, dtype=torch.long, device=device)  # -1 = empty slot
+        self.filled = 0  # slots holding real keys (full layers: a prefix)
+
+    def _grow(self, need: int) -> None:
+        cap = self.k.shape[2]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        pad = new - cap
+        self.k = F.pad(self.k, (0, 0, 0, pad))
+        self.v = F.pad(self.v, (0, 0, 0, pad))
+        self.pos = torch.cat([self.pos, self.pos.new_full((pad,), -1)])
+
+    def attend_and_store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Given the new keys/values [B, Hkv, T, hd] at `positions` [T], return (keys, values, key_positions) to
+        attend over (old cached ones plus the new ones) and store the new ones."""
+        T = k.shape[2]
+        if self.window:
+            if self.filled:
+                valid = self.pos >= 0
+                k_all = torch.cat([self.k[:, :, valid], k], dim=2)
+                v_all = torch.cat([self.v[:, :, valid], v], dim=2)
+                p_all = torch.cat([self.pos[valid], positions])
+            else:
+                k_all, v_all, p_all = k, v, positions
+            # keep the newest `window` positions in the ring: slot = position % window
+            keep = min(T, self.window)
+            slots = positions[-keep:] % self.window
+            self.k[:, :, slots] = k[:, :, -keep:]
+            self.v[:, :, slots] = v[:, :, -keep:]
+            self.pos[slots] = positions[-keep:]
+            self.filled = int((self.pos >= 0).sum())
+            return k_all, v_all, p_all
+        start = self.filled
+        self._grow(start + T)
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        self.pos[start:start + T] = positions
+        self.filled = start + T
+        return self.k[:, :, :self.filled], self.v[:, :, :self.filled], self.pos[:self.filled]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class ModelCache:
+    """Per-call generation state: one LayerKVCache per layer and the number of tokens seen so far."""
+
+    layers: list[LayerKVCache]
+    length: int = 0
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
+
+
+# ---- attention ---------------------------------------------------------------------------------------------
+_MASKS: dict[tuple, torch.Tensor] = {}
+
+
+def _training_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask [T, 1+T] for a fresh sequence: the sink column then causal (and windowed) keys. Cached, so
+    the training loop never rebuilds it."""
+    key = (T, window, str(device))
+    m = _MASKS.get(key)
+    if m is None:
+        pos = torch.arange(T, device=device)
+        m = _positions_mask(pos, pos, window)
+        if len(_MASKS) > 32:
+            _MASKS.clear()
+        _MASKS[key] = m
+    return m
+
+
+def _positions_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    sink = torch.ones(q_pos.shape[0], 1, dtype=torch.bool, device=q_pos.device)
+    return torch.cat([sink, allowed], dim=1)
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """softmax over [sink, keys] with the sink's probability dropped (spec 1.4), through SDPA.
+
+    The sink is a virtual first key whose score is the head's learned logit: q and k get one extra coordinate
+    (1 for queries, 0 for real keys, sink/scale for the virtual key) and the sink's value is zero, so SDPA's fused
+    kernel computes exactly exp(a_ij) / (exp(s_h) + sum_k exp(a_ik)). q [B,Hq,T,hd], k/v [B,Hkv,S,hd],
+    sinks [Hq], mask bool [T, 1+S]. Returns [B, Hq, T, hd]."""
+    B, Hq, T, hd = q.shape
+    Hkv = k.shape[1]
+    scale = 1.0 / math.sqrt(hd)
+    # pad the head dim to a multiple of 8 (kernel-friendly); the extra coordinate lives at index hd
+    pad = 8
+    qa = F.pad(q, (0, pad))
+    qa[..., hd] = 1.0
+    ka = F.pad(k, (0, pad))
+    va = F.pad(v, (0, pad))
+    group = Hq // Hkv
+    # virtual sink key per query head: expand keys to Hq heads only for the sink row (cheap: one row)
+    sink_k = torch.zeros(B, Hq, 1, hd + pad, dtype=q.dtype, device=q.device)
+    sink_k[..., hd] = (sinks.to(q.dtype) / scale)[None, :, None]
+    if group > 1:
+        ka = ka.repeat_interleave(group, dim=1)
+        va = va.repeat_interleave(group, dim=1)
+    ka = torch.cat([sink_k, ka], dim=2)
+    va = torch.cat([torch.zeros_like(sink_k), va], dim=2)
+    out = F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale)
+    return out[..., :hd]
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm attention with fused QKV, GQA, learned sinks, RoPE/YaRN and an optional sliding window."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = cfg.layer_window(layer_idx)
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=True)
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads))
+        self.out = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, positions: torch.Tensor,
+                cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        h = self.norm(x)
+        qkv = self.qkv(h)
+        q_len, kv_len = self.n_heads * self.hd, self.n_kv * self.hd
+        q = qkv[..., :q_len].view(B, T, self.n_heads, self.hd).transpose(1, 2)
+        k = qkv[..., q_len:q_len + kv_len].view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = qkv[..., q_len + kv_len:].view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = rope(q, positions), rope(k, positions)
+        if cache is None:
+            mask = _training_mask(T, self.window, x.device) if int(positions[0]) == 0 else \
+                _positions_mask(positions, positions, self.window)
+        else:
+            k, v, k_pos = cache.attend_and_store(k, v, positions)
+            mask = _positions_mask(positions, k_pos, self.window)
+        y = sink_attention(q, k, v, self.sinks, mask)  # [B, Hq, T, hd]
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        return x + self.out(y)
+
+
+# ---- mixture of experts --------------------------------------------------------------------------------------
+def swiglu(h: torch.Tensor, limit: float, alpha: float = 1.702) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on interleaved rows: gate = h[..., 0::2], linear = h[..., 1::2]."""
+    gate, lin = h[..., 0::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    lin = lin.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (lin + 1)
+
+
+class Experts(nn.Module):
+    """E experts' weights in the original layout (out x in), applied to tokens grouped by expert.
+
+    `forward(x, counts)`: x [E, C, D] holds up to C tokens per expert (zero padded); one batched matmul per
+    projection serves every expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.limit = cfg.swiglu_limit
+        self.mlp1_weight = nn.Parameter(torch.empty(E, 2 * I, D))
+        self.mlp1_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.mlp2_weight = nn.Parameter(torch.empty(E, D, I))
+        self.mlp2_bias = nn.Parameter(torch.zeros(E, D))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, C, D] for the experts `expert_ids` (all E in order when None) -> [n, C, D]."""
+        w1, b1, w2, b2 = self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias
+        if expert_ids is not None:
+            w1, b1, w2, b2 = w1[expert_ids], b1[expert_ids], w2[expert_ids], b2[expert_ids]
+        h = torch.baddbmm(b1.unsqueeze(1).to(x.dtype), x, w1.transpose(1, 2).to(x.dtype))  # [n, C, 2I]
+        a = swiglu(h, self.limit)
+        return torch.baddbmm(b2.unsqueeze(1).to(x.dtype), a, w2.transpose(1, 2).to(x.dtype))  # [n, C, D]
+
+
+@dataclass
+class RoutingStats:
+    aux_loss: torch.Tensor  # Switch load-balancing loss of this layer
+    counts: torch.Tensor  # [E] tokens routed to each expert
+
+
+class MLPBlock(nn.Module):
+    """Pre-norm MoE: router top-k over raw logits, softmax over the k selected, weighted sum of experts."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts, self.k = cfg.num_experts, cfg.experts_per_token
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=True)
+        self.experts = Experts(cfg)
+        self.stats: RoutingStats | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        t = self.norm(x).reshape(B * T, D)
+        logits = self.gate(t)  # [N, E]
+        top_vals, top_idx = torch.topk(logits, self.k, dim=-1, sorted=True)  # [N, K]
+        weights = torch.softmax(top_vals.float(), dim=-1)  # [N, K]
+        y = self._dispatch(t, top_idx, weights)
+        self.stats = self._routing_stats(logits, top_idx)
+        return x + y.view(B, T, D).to(x.dtype)
+
+    def _dispatch(self, t: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Group the N*K (token, expert) assignments by expert into a padded [E, C, D] batch, run all experts in
+        two batched matmuls, and scatter the weighted outputs back. One host sync (the largest group size)."""
+        N, D = t.shape
+        E, K = self.num_experts, self.k
+        flat_e = top_idx.reshape(-1)  # [N*K]
+        order = torch.argsort(flat_e, stable=True)
+        sorted_e = flat_e[order]
+        counts = torch.bincount(flat_e, minlength=E)  # [E]
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(N * K, device=t.device) - starts[sorted_e]  # position inside its expert's group
+        token = order // K
+        if N * K <= E:  # decode of a token or two: run only the selected experts, no padding
+            out = self.experts(t[token].unsqueeze(1), sorted_e).squeeze(1)  # [N*K, D]
+        else:
+            C = int(counts.max())
+            used = torch.nonzero(counts).squeeze(1)  # experts with at least one token
+            if used.numel() == E:
+                slot, ids = sorted_e, None
+            else:  # compact index so idle experts cost nothing (packed experts are never decoded)
+                slot, ids = (torch.cumsum(counts > 0, 0) - 1)[sorted_e], used
+            buf = t.new_zeros(used.numel(), C, D)
+            buf[slot, rank] = t[token]
+            out = self.experts(buf, ids)[slot, rank]  # [N*K, D]
+        w = weights.reshape(-1)[order].unsqueeze(1).to(out.dtype)
+        y = t.new_zeros(N, D, dtype=out.dtype)
+        y.index_add_(0, token, out * w)
+        return y
+
+    def _routing_stats(self, logits: torch.Tensor, top_idx: torch.Tensor) -> RoutingStats:
+        """Switch Transformer load-balancing loss: E * sum_e f_e * P_e, f_e the fraction of assignments routed to
+        e, P_e the mean router probability of e (softmax over all experts). 1.0 when perfectly balanced."""
+        E = self.num_experts
+        counts = torch.bincount(top_idx.reshape(-1), minlength=E)
+        if not self.training and not torch.is_grad_enabled():
+            return RoutingStats(logits.new_zeros(()), counts)
+        probs = torch.softmax(logits.float(), dim=-1).mean(0)  # [E]
+        frac = counts.float() / max(1, top_idx.numel())
+        return RoutingStats(E * (frac * probs).sum(), counts)
