@@ -76,9 +76,10 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> ModelConfig:
-        p = Path(text_or_path)
-        text = p.read_text() if p.suffix == ".json" or p.exists() else str(text_or_path)
-        return cls.from_dict(json.loads(text))
+        """Parse JSON text, or read it from a path."""
+        if isinstance(text_or_path, str) and text_or_path.lstrip().startswith("{"):
+            return cls.from_dict(json.loads(text_or_path))
+        return cls.from_dict(json.loads(Path(text_or_path).read_text()))
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property
