@@ -486,18 +486,29 @@ def _reduced_candidates(
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One multinomial draw per row; runs on the generator's device (so a CPU generator reproduces
-    the same samples whatever device the model is on)."""
+    """One draw per row from ``probs [batch, n]``; returns ``LongTensor [batch, 1]`` on probs' device.
+
+    Inverse-CDF sampling (one uniform per row, float64 cumulative sum, binary search) instead of
+    ``torch.multinomial``: the same distribution, but ~0.3 ms instead of ~7 ms per row on CPU at
+    vocab 201088. A zero-probability (removed) token is never picked: its cumulative value equals its
+    predecessor's, so no uniform lands on it. Runs on the generator's device, so a CPU generator gives
+    the same samples whatever device the model is on.
+    """
     device = probs.device
     if generator is not None and generator.device != device:
         probs = probs.to(generator.device)
-    try:
-        picked = torch.multinomial(probs, 1, generator=generator)
-    except RuntimeError as exc:
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:].contiguous()
+    if not bool(((total > 0) & torch.isfinite(total)).all()):
         raise ValueError(
             "cannot sample: a row has no allowed token left (all logits -inf or NaN); relax "
             "no_repeat_ngram_size or check the model output for NaNs"
-        ) from exc
+        )
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=cdf.device) * total
+    picked = torch.searchsorted(cdf, u, right=True)
+    # u < total except for a rounding corner case; the last token with probability > 0 is the first
+    # whose cumulative value reaches total.
+    picked = torch.minimum(picked, torch.searchsorted(cdf, total, right=False))
     return picked.to(device)
 
 
@@ -516,7 +527,9 @@ def sample_next(
     (None: torch's global RNG).
 
     Fast paths: greedy is one argmax; top-k > 0 works on the k best logits only (one ``torch.topk``,
-    no full sort); no filter at all is one softmax.
+    no full sort); no filter at all is one softmax. The draw is an inverse-CDF sample (see ``_draw``),
+    distributed exactly like ``torch.multinomial``. On CPU with vocab 201088, top-p without top-k costs
+    one full sort (~30 ms); with top-k it does not.
     """
     params.validate()
     out = _as_2d(logits).float()

@@ -97,6 +97,17 @@ def test_no_repeat_ngram_golden_with_every_context_form() -> None:
         assert torch.isneginf(out).nonzero().tolist() == [[0, 5]]
 
 
+def test_per_row_context_and_out_of_vocab_ids() -> None:
+    logits = torch.tensor([GOLDEN_LOGITS, GOLDEN_LOGITS])
+    out = apply_repetition_penalty(logits, [[0, 3, 999], [5, 5, -1]], 1.5)
+    assert_same(out[0], [1.333333, 1.0, 0.5, -0.75, -1.0, 0.0])
+    assert_same(out[1], GOLDEN_LOGITS)  # id 5's logit is 0: unchanged; ids outside the vocab ignored
+    with pytest.raises(ValueError, match="different lengths"):
+        apply_repetition_penalty(logits, [[0, 3], [5]], 1.5)
+    with pytest.raises(ValueError, match="3 rows but logits have batch 2"):
+        apply_no_repeat_ngram(logits, torch.zeros(3, 4, dtype=torch.long), 2)
+
+
 # --------------------------------------------------------------------------------------------------------
 # 2. Agreement with transformers' own processors
 # --------------------------------------------------------------------------------------------------------
@@ -406,3 +417,30 @@ def test_top_k_sampling_distribution() -> None:
     seq = [int(sample_next(logits, None, params, gen)) for _ in range(n)]
     assert set(seq) == {1, 3}
     assert abs(seq.count(1) / n - p1) < 0.05
+
+
+def test_full_vocab_path_distribution() -> None:
+    """Without top-k the draw covers the whole (filtered) vocabulary; frequencies follow the softmax."""
+    logits = torch.tensor(GOLDEN_LOGITS)
+    params = SamplingParams(temperature=1.0, min_p=0.1)  # keeps ids 0, 1, 2, 5
+    n = 4000
+    ids = sample_next(logits.expand(n, -1), None, params, make_generator(77))
+    freq = torch.bincount(ids, minlength=6).double() / n
+    expected = process_logits(logits, None, params).softmax(dim=-1)[0].double()
+    assert freq[3] == 0 and freq[4] == 0
+    assert torch.allclose(freq, expected, atol=0.03), (freq, expected)
+
+
+@pytest.mark.parametrize("u, probs, expected", [
+    (1.0, [0.2, 0.8, 0.0, 0.0], 1),  # u == total (rounding corner): last token with probability > 0
+    (0.0, [0.0, 0.0, 1.0, 0.0], 2),  # u == 0 never picks a leading removed token
+    (0.5, [0.25, 0.0, 0.25, 0.5], 3),  # cdf [.25 .25 .5 1]: u=.5 lands past the removed id 1 and id 2
+])
+def test_draw_never_picks_removed_tokens(monkeypatch, u, probs, expected) -> None:
+    from model import sampling
+
+    def fixed_rand(shape, **kwargs):
+        return torch.full(shape, u, dtype=kwargs.get("dtype", torch.float64))
+
+    monkeypatch.setattr(sampling.torch, "rand", fixed_rand)
+    assert sampling._draw(torch.tensor([probs]), None).tolist() == [[expected]]
