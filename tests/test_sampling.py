@@ -223,7 +223,7 @@ def test_greedy_is_argmax_of_penalized_logits() -> None:
     assert torch.equal(processed.argmax(dim=-1), logits.argmax(dim=-1))
 
 
-def _draws(params: SamplingParams, seed: int, steps: int = 40) -> list[int]:
+def _draws(params: SamplingParams, seed: int, steps: int = 20) -> list[int]:
     logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(3))
     gen = make_generator(seed)
     return [sample_next(logits, None, params, gen).tolist() for _ in range(steps)]
