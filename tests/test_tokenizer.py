@@ -276,14 +276,20 @@ def test_harmony_from_hf_tokenizer_json_matches_tiktoken(hf_json_dir: Path, hf_j
     assert rebuilt.decode([201087]) == harmony.decode([201087]) == "<|reserved_201087|>"
 
 
-def test_hf_json_saved_checkpoint_reloads_offline(hf_json_dir: Path, tmp_path: Path,
+def test_hf_json_saved_checkpoint_reloads_offline(hf_json: Tokenizer, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    rebuilt = load_tokenizer(hf_json_dir / "tokenizer.json")
+    rebuilt = hf_json
     rebuilt.save(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
-    # with no tiktoken cache (as offline on a fresh machine), the copy of tokenizer.json is used
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
+    assert json.loads((tmp_path / "ckpt" / "tokenizer_info.json").read_text())["encoding"] == "o200k_harmony"
+
+    def offline(cls: type, name: str) -> None:
+        raise TokenizerError("no network and no tiktoken cache")
+
+    # tiktoken unusable (offline on a fresh machine): the saved copy of tokenizer.json is used
+    monkeypatch.setattr(TiktokenTokenizer, "from_name", classmethod(offline))
     again = load_tokenizer(tmp_path / "ckpt")
+    assert again.name == "tiktoken:o200k_harmony"
     assert again.encode("Hello World") == [13225, 5922]
 
 
