@@ -319,3 +319,56 @@ def load_gpt_oss(path: Path, fmt: str, device: str | torch.device = "cpu", dtype
     model.expert_cache = cache
     model.config.extra["checkpoint_path"] = str(path)
     return model.eval()
+
+
+# ---- export to transformers' layout --------------------------------------------------------------------------
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """transformers GptOssConfig kwargs for one of our GPT-OSS configs (YaRN with truncate False, eager attention)."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.experts_per_token, sliding_window=cfg.sliding_window, rms_norm_eps=cfg.rms_norm_eps,
+        swiglu_limit=cfg.swiglu_limit, tie_word_embeddings=False, max_position_embeddings=cfg.max_context,
+        layer_types=["sliding_attention" if cfg.layer_window(i) else "full_attention"
+                     for i in range(cfg.num_hidden_layers)],
+        rope_parameters={"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling_factor,
+                         "beta_fast": cfg.rope_ntk_beta, "beta_slow": cfg.rope_ntk_alpha, "truncate": False,
+                         "original_max_position_embeddings": cfg.initial_context_length},
+    )
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our Transformer's weights under transformers' GptOss names and layouts (experts as [E, in, out])."""
+    cfg = model.config
+    sd = model.state_dict()
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": sd["embedding.weight"], "model.norm.weight": sd["norm.scale"],
+           "lm_head.weight": sd["unembedding.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p, o = f"model.layers.{i}.", f"block.{i}."
+        out[p + "input_layernorm.weight"] = sd[o + "attn.norm.scale"]
+        for kind in ("weight", "bias"):
+            w = sd[o + f"attn.qkv.{kind}"]
+            out[p + f"self_attn.q_proj.{kind}"] = w[:q]
+            out[p + f"self_attn.k_proj.{kind}"] = w[q:q + kv]
+            out[p + f"self_attn.v_proj.{kind}"] = w[q + kv:]
+            out[p + f"self_attn.o_proj.{kind}"] = sd[o + f"attn.out.{kind}"]
+            out[p + f"mlp.router.{kind}"] = sd[o + f"mlp.gate.{kind}"]
+        out[p + "self_attn.sinks"] = sd[o + "attn.sinks"]
+        out[p + "post_attention_layernorm.weight"] = sd[o + "mlp.norm.scale"]
+        out[p + "mlp.experts.gate_up_proj"] = sd[o + "mlp.experts.mlp1_weight"].transpose(1, 2)
+        out[p + "mlp.experts.gate_up_proj_bias"] = sd[o + "mlp.experts.mlp1_bias"]
+        out[p + "mlp.experts.down_proj"] = sd[o + "mlp.experts.mlp2_weight"].transpose(1, 2)
+        out[p + "mlp.experts.down_proj_bias"] = sd[o + "mlp.experts.mlp2_bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_transformers(model):
+    """A transformers GptOssForCausalLM (eager attention, fp32) holding exactly our model's weights.
+    Needs the dev dependency `transformers`; used by parity tests and benchmarks."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    hf = GptOssForCausalLM(GptOssConfig(**hf_config_dict(model.config), attn_implementation="eager"))
+    hf.load_state_dict(hf_state_dict(model), strict=True)
+    return hf.eval()

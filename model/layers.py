@@ -179,30 +179,21 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
                    mask: torch.Tensor) -> torch.Tensor:
     """softmax over [sink, keys] with the sink's probability dropped (spec 1.4), through SDPA.
 
-    The sink is a virtual first key whose score is the head's learned logit: q and k get one extra coordinate
-    (1 for queries, 0 for real keys, sink/scale for the virtual key) and the sink's value is zero, so SDPA's fused
-    kernel computes exactly exp(a_ij) / (exp(s_h) + sum_k exp(a_ik)). q [B,Hq,T,hd], k/v [B,Hkv,S,hd],
-    sinks [Hq], mask bool [T, 1+S]. Returns [B, Hq, T, hd]."""
-    B, Hq, T, hd = q.shape
-    Hkv = k.shape[1]
+    The sink is a virtual first key. Queries get one extra coordinate holding their head's sink logit / scale, real
+    keys hold 0 there and the virtual key holds 1 (and is 0 elsewhere), so its score is exactly the sink logit while
+    real scores are unchanged; its value is zero. Because the virtual key is the same for every head, grouped-query
+    attention runs without repeating keys. q [B,Hq,T,hd], k/v [B,Hkv,S,hd], sinks [Hq], mask bool [T, 1+S].
+    Returns [B, Hq, T, hd]."""
+    hd = q.shape[-1]
     scale = 1.0 / math.sqrt(hd)
-    # pad the head dim to a multiple of 8 (kernel-friendly); the extra coordinate lives at index hd
-    pad = 8
+    pad = 8  # keep the augmented head dim a multiple of 8 for the fused kernel
     qa = F.pad(q, (0, pad))
-    qa[..., hd] = 1.0
-    ka = F.pad(k, (0, pad))
-    va = F.pad(v, (0, pad))
-    group = Hq // Hkv
-    # virtual sink key per query head: expand keys to Hq heads only for the sink row (cheap: one row)
-    sink_k = torch.zeros(B, Hq, 1, hd + pad, dtype=q.dtype, device=q.device)
-    sink_k[..., hd] = (sinks.to(q.dtype) / scale)[None, :, None]
-    if group > 1:
-        ka = ka.repeat_interleave(group, dim=1)
-        va = va.repeat_interleave(group, dim=1)
-    ka = torch.cat([sink_k, ka], dim=2)
-    va = torch.cat([torch.zeros_like(sink_k), va], dim=2)
-    out = F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale)
-    return out[..., :hd]
+    qa[..., hd] = (sinks.to(q.dtype) / scale)[:, None]
+    ka = F.pad(k, (0, pad, 1, 0))  # zero row in front = the virtual key
+    ka[:, :, 0, hd] = 1.0
+    va = F.pad(v, (0, 0, 1, 0))
+    return F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class AttentionBlock(nn.Module):
@@ -301,33 +292,30 @@ class MLPBlock(nn.Module):
         return x + y.view(B, T, D).to(x.dtype)
 
     def _dispatch(self, t: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Group the N*K (token, expert) assignments by expert into a padded [E, C, D] batch, run all experts in
-        two batched matmuls, and scatter the weighted outputs back. One host sync (the largest group size)."""
+        """Group the N*K (token, expert) assignments by expert into a padded [U, C, D] batch (U experts in use, C
+        the largest group), run them in two batched matmuls, and gather each token's K outputs back for the
+        weighted sum. One host sync (the group sizes); no loop over experts."""
         N, D = t.shape
         E, K = self.num_experts, self.k
-        flat_e = top_idx.reshape(-1)  # [N*K]
-        order = torch.argsort(flat_e, stable=True)
-        sorted_e = flat_e[order]
-        counts = torch.bincount(flat_e, minlength=E)  # [E]
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(N * K, device=t.device) - starts[sorted_e]  # position inside its expert's group
-        token = order // K
+        flat_e = top_idx.reshape(-1)  # [N*K], assignment a = token a // K
         if N * K <= E:  # decode of a token or two: run only the selected experts, no padding
-            out = self.experts(t[token].unsqueeze(1), sorted_e).squeeze(1)  # [N*K, D]
+            out = self.experts(t.repeat_interleave(K, 0).unsqueeze(1), flat_e).squeeze(1)  # [N*K, D]
         else:
+            order = torch.argsort(flat_e, stable=True)
+            counts = torch.bincount(flat_e, minlength=E)  # [E]
             C = int(counts.max())
             used = torch.nonzero(counts).squeeze(1)  # experts with at least one token
-            if used.numel() == E:
-                slot, ids = sorted_e, None
-            else:  # compact index so idle experts cost nothing (packed experts are never decoded)
-                slot, ids = (torch.cumsum(counts > 0, 0) - 1)[sorted_e], used
-            buf = t.new_zeros(used.numel(), C, D)
-            buf[slot, rank] = t[token]
-            out = self.experts(buf, ids)[slot, rank]  # [N*K, D]
-        w = weights.reshape(-1)[order].unsqueeze(1).to(out.dtype)
-        y = t.new_zeros(N, D, dtype=out.dtype)
-        y.index_add_(0, token, out * w)
-        return y
+            U = used.numel()
+            # slot of each expert in the compact batch (idle experts cost nothing; packed ones are never decoded)
+            slot_of = torch.arange(E, device=t.device) if U == E else torch.cumsum(counts > 0, 0) - 1
+            starts = torch.cumsum(counts, 0) - counts
+            sorted_e = flat_e[order]
+            row_sorted = slot_of[sorted_e] * C + torch.arange(N * K, device=t.device) - starts[sorted_e]
+            row = torch.empty_like(row_sorted).index_copy_(0, order, row_sorted)  # buffer row of assignment a
+            buf = t.new_zeros(U * C, D).index_copy(0, row, t.repeat_interleave(K, 0))
+            out = self.experts(buf.view(U, C, D), None if U == E else used).reshape(U * C, D).index_select(0, row)
+        w = weights.to(out.dtype).unsqueeze(-1)  # [N, K, 1]
+        return (out.view(N, K, D) * w).sum(1)
 
     def _routing_stats(self, logits: torch.Tensor, top_idx: torch.Tensor) -> RoutingStats:
         """Switch Transformer load-balancing loss: E * sum_e f_e * P_e, f_e the fraction of assignments routed to

@@ -185,3 +185,18 @@ def test_hf_greedy_generation_matches_ours_with_cache(hf_model, ids, tmp_path):
             got.append(nxt)
             logits = ours(torch.tensor([[nxt]]), cache)
     assert got == hf_out
+
+
+def test_export_to_transformers_round_trips_logits(ids):
+    from model.config import ModelConfig
+    from model.gptoss_weights import to_transformers
+
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=16, num_experts=4, experts_per_token=2, intermediate_size=64,
+                      sliding_window=WINDOW, max_context=128)
+    ours = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        assert _max_err(ours(ids), to_transformers(ours)(ids).logits) < 1e-4
