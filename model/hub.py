@@ -916,12 +916,14 @@ def _expert_chunks(name: str, n_exp: int, rows: int, k: int, seed: int, how: str
     gen = _seeded(seed, name)
     std = k**-0.5
     # uniformly random codes have an rms of sqrt(8.5625) ~= 2.93; pick the exponent that gives ~std
-    u_random = int(round(127 + math.log2(std / 2.93)))
+    u_random = min(253, max(1, int(round(127 + math.log2(std / 2.93)))))
     for _ in range(n_exp):
         if how == "random":
-            blocks = torch.randint(0, 256, (rows, k // 32, 16), dtype=torch.uint8, generator=gen)
-            scales = (u_random - 1 + torch.randint(0, 3, (rows, k // 32), generator=gen)).clamp(0, 254)
-            yield blocks, scales.to(torch.uint8)
+            # 8 random bytes per int64 draw: ~3x faster than drawing uint8 one by one
+            words = torch.randint(-(2**63), 2**63 - 1, (rows * k // 16,), dtype=torch.int64, generator=gen)
+            blocks = words.view(torch.uint8).view(rows, k // 32, 16)
+            scales = torch.randint(0, 3, (rows, k // 32), dtype=torch.uint8, generator=gen).add_(u_random - 1)
+            yield blocks, scales
             continue
         w = torch.randn((rows, k), generator=gen) * std
         if how == "dense":

@@ -49,7 +49,9 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], Path] = {}  # (repo_type, repo_id) -> directory
         self.size_overrides: dict[str, int] = {}  # path in repo -> size reported by the tree listing
+        self.drop_after: dict[str, int] = {}  # path in repo -> bytes sent before the connection drops (once)
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization header)
+        self.ranges: list[str] = []  # Range headers received
         hub_ = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -141,11 +143,23 @@ class FakeHub:
                 "Content-Type": "application/octet-stream",
             }
             rng = h.headers.get("Range")
+            if rng:
+                self.ranges.append(rng)
             if rng and rng.startswith("bytes=") and not head:
                 start = int(rng[6:].split("-")[0])
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
                 return self.send(h, 206, data[start:], headers, head)
             headers["Content-Length"] = str(len(data))
+            cut = self.drop_after.pop("/".join(parts[4:]), None) if not head else None
+            if cut is not None:  # announce the whole file, send part of it, hang up
+                h.close_connection = True
+                h.send_response(200)
+                for k, v in headers.items():
+                    h.send_header(k, v)
+                h.end_headers()
+                h.wfile.write(data[:cut])
+                h.wfile.flush()
+                return None
             return self.send(h, 200, data, headers, head)
         return self.not_found(h, "RepoNotFound", head)
 
@@ -230,6 +244,25 @@ def test_download_original_format(fake_hub: FakeHub, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert len(fake_hub.fetched()) == n_get
     assert "(0 B to fetch)" in proc.stdout
+
+
+def test_dropped_connection_resumes_with_a_range_request(model_repo: Path, tmp_path: Path) -> None:
+    # huggingface_hub writes in 10 MiB pieces and resumes from the last whole piece, so the dropped file
+    # must be larger than that: a 12 MiB tokenizer.json, cut after 11 MiB
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    big = repo / "tokenizer.json"
+    big.write_bytes(b"[" + b"0," * (6 * 1024 * 1024 - 1) + b"0]")
+    out = tmp_path / "out"
+    with FakeHub() as server:
+        server.repos[("model", "openai/gpt-oss-20b")] = repo
+        server.drop_after["tokenizer.json"] = 11 * 1024 * 1024
+        proc = run_cli(["--model", "gpt-oss-20b", "--output-dir", str(out)], server.url, tmp_path)
+        assert server.drop_after == {}  # the connection was dropped once
+        assert server.ranges == [f"bytes={10 * 1024 * 1024}-"]  # and only the rest was asked for again
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "tokenizer.json").read_bytes() == big.read_bytes()
+    assert hub.is_download_complete(out, "original")
 
 
 def test_download_hf_format(fake_hub: FakeHub, tmp_path: Path) -> None:
