@@ -122,6 +122,8 @@ def evaluate_ids(model: Any, documents_ids: Iterable[list[int]], n_bytes: int, m
     """`evaluate_text` on documents already turned into ids by `document_ids`; `n_bytes` is the UTF-8 byte
     count of their text. The trainer tokenizes its validation stories once and calls this at every eval."""
     ctx = int(max_context or model.config.max_context)
+    if getattr(model.config, "arch", "") == "gpt2":  # learned positions: nothing past them exists
+        ctx = min(ctx, int(model.config.max_context))
     windows: list[Window] = []
     n_docs = 0
     for ids in documents_ids:
@@ -158,7 +160,8 @@ def evaluate_text(model: Any, tokenizer: Any, documents: Iterable[str], max_cont
     """Loss (nats per predicted token) and bits per byte of `model` on `documents` (story texts).
 
     Returns dict(loss, bits_per_byte, bits_per_token, perplexity, tokens, bytes, documents, nats, windows).
-    `max_context` defaults to the model's `config.max_context`."""
+    `max_context` defaults to the model's `config.max_context` (GPT-2 never gets more than that: its positions
+    are learned; GPT-OSS's rotary positions allow longer windows)."""
     ids, n_bytes = tokenize_documents(tokenizer, documents)
     return evaluate_ids(model, ids, n_bytes, max_context=max_context, batch_size=batch_size, stride=stride,
                         device=device, autocast_dtype=autocast_dtype)

@@ -60,6 +60,11 @@ class TrainConfig:
     arch: str = "gptoss"  # gptoss | gpt2 (GPT-2 with the same total parameter count)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (tests, experiments)
     aux_loss_coef: float | None = None  # None: the model config's (0.01)
+    # extras (model/extras.py, issue 9)
+    mtp_heads: int = 0  # extra heads predicting t+2 .. t+1+mtp_heads (0: off)
+    mtp_weight: float = 0.3  # loss weight of each extra head
+    context_memory: int = 0  # memory slots carried across chunks of a story (0: off; gptoss only)
+    context_bptt: int = 2  # consecutive chunks per training sequence with the gradient through the memory
     # data and tokenizer
     data: str = "tinystories"  # name, .txt/.jsonl file or folder (model.data.resolve_data_source)
     tokenizer: str = "sentencepiece"  # "sentencepiece" (trained on the data, cached) | tiktoken:NAME | a dir
@@ -104,6 +109,10 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr (got lr={self.lr}, min_lr={self.min_lr})")
         if self.warmup_iters < 0:
             raise ValueError("warmup_iters must be >= 0")
+        if self.mtp_heads < 0 or self.context_memory < 0 or self.context_bptt < 1 or self.mtp_weight < 0:
+            raise ValueError("need mtp_heads >= 0, mtp_weight >= 0, context_memory >= 0 and context_bptt >= 1")
+        if self.context_memory and (self.arch == "gpt2" or self.model_size.startswith("gpt2")):
+            raise ValueError("context memory needs the gptoss architecture (rotary positions)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,7 +134,7 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         """Tokens per optimizer step in one process (times the world size under DDP)."""
-        return self.batch_size * self.block_size * self.grad_accum
+        return self.batch_size * self.block_size * self.grad_accum * (self.context_bptt if self.context_memory else 1)
 
     def model_config(self, vocab_size: int):
         """The ModelConfig this run trains: the size preset at this vocabulary, max_context = block_size."""
@@ -141,6 +150,10 @@ class TrainConfig:
         over = dict(self.model_overrides)
         if self.aux_loss_coef is not None:
             over["aux_loss_coef"] = self.aux_loss_coef
+        if self.mtp_heads:
+            over.update(mtp_heads=self.mtp_heads, mtp_loss_weight=self.mtp_weight)
+        if self.context_memory:
+            over["context_slots"] = self.context_memory
         return cfg.replace(extra=extra, **over)
 
 
@@ -210,13 +223,16 @@ def unwrap(model):
 
 
 def train_step(model, optimizer, micro_batches, *, aux_coef: float = 0.0, grad_clip: float = 1.0,
-               autocast_dtype=None, scheduler=None) -> dict[str, Any]:
+               autocast_dtype=None, scheduler=None, loss_fn=None) -> dict[str, Any]:
     """One optimizer step over `micro_batches` [(x, y), ...] (gradient accumulation: the objective of each
     micro-batch is divided by their number). `model` may be DDP-wrapped and/or compiled; under DDP gradients
     are all-reduced (averaged) once, on the last micro-batch.
 
     Returns loss (mean cross-entropy of the micro-batches, this process), aux_loss, grad_norm (before
-    clipping), expert_counts ([L, E] summed over micro-batches, or None)."""
+    clipping), expert_counts ([L, E] summed over micro-batches, or None).
+
+    `loss_fn(model, batch) -> {"loss", "objective", "aux", "mtp"}` replaces the plain next-token loss (the
+    extras of model/extras.py: MTP heads, context memory); "mtp" (per-head losses) is then averaged in too."""
     import torch
     import torch.nn.functional as F
 
@@ -226,17 +242,23 @@ def train_step(model, optimizer, micro_batches, *, aux_coef: float = 0.0, grad_c
     loss_sum = torch.zeros((), device=micro_batches[0][0].device)
     aux_sum = torch.zeros_like(loss_sum)
     counts = None
-    for i, (x, y) in enumerate(micro_batches):
+    mtp_sum = None
+    for i, batch in enumerate(micro_batches):
+        x = batch[0]
         sync_ctx = model.no_sync() if (is_ddp and i < n - 1) else contextlib.nullcontext()
         with sync_ctx:
-            if autocast_dtype is not None:
-                with torch.autocast(x.device.type, dtype=autocast_dtype):
+            with (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                  else contextlib.nullcontext()):
+                if loss_fn is not None:
+                    out = loss_fn(model, batch)
+                    loss, aux, base = out["loss"], out["aux"], out["objective"]
+                    mtp_sum = out["mtp"] if mtp_sum is None else [a + b for a, b in zip(mtp_sum, out["mtp"])]
+                else:
+                    y = batch[1]
                     logits = model(x)
-            else:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
-            aux = raw.aux_loss
-            objective = loss + aux_coef * aux if aux_coef else loss
+                    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+                    aux, base = raw.aux_loss, loss
+            objective = base + aux_coef * aux if aux_coef else base
             (objective / n).backward()
         loss_sum += loss.detach()
         aux_sum += aux.detach().float()
@@ -252,7 +274,8 @@ def train_step(model, optimizer, micro_batches, *, aux_coef: float = 0.0, grad_c
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum / n, "aux_loss": aux_sum / n, "grad_norm": grad_norm, "expert_counts": counts}
+    return {"loss": loss_sum / n, "aux_loss": aux_sum / n, "grad_norm": grad_norm, "expert_counts": counts,
+            "mtp_losses": [v / n for v in mtp_sum] if mtp_sum else None}
 
 
 def expert_balance(counts) -> dict[str, Any]:
@@ -524,6 +547,15 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.rank)
+        self.loss_fn = self.doc_iter = None
+        if cfg.mtp_heads or cfg.context_memory:  # extras (model/extras.py): their own loss, document order
+            from . import data
+            from .extras import ExtrasLoss
+
+            self.loss_fn = ExtrasLoss(self.model, cfg.mtp_weight)
+            if cfg.context_memory:
+                self.doc_iter = data.document_chunks(self.train_cache, cfg.batch_size, cfg.block_size,
+                                                     seed=cfg.seed + 1000 * self.rank, loop=True, device=self.device)
         counts = self.model.num_parameters()
         self.log(f"model: {self.model_cfg.arch} {self.model_cfg.extra.get('preset', '')} "
                  f"{counts['total'] / 1e6:.2f}M params ({counts['active'] / 1e6:.2f}M active), "
@@ -567,6 +599,10 @@ class Trainer:
             "world_size": self.world, "train_config": json.dumps(self.cfg.to_dict()),
             "last_val": json.dumps(self.last_val),
         }
+        if self.doc_iter is not None:  # context memory: where each stream is, and its carried memory
+            state["doc_iter"] = json.dumps(self.doc_iter.state_dict())
+            if self.loss_fn.state is not None:
+                state["context_state"] = self.loss_fn.state.detach().to("cpu")
         weights = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
         if self.model_cfg.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
@@ -603,6 +639,10 @@ class Trainer:
         if torch.cuda.is_available() and state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.last_val = json.loads(state.get("last_val") or "null")
+        if self.doc_iter is not None and "doc_iter" in state:
+            self.doc_iter.load_state_dict(json.loads(state["doc_iter"]))
+            if state.get("context_state") is not None:
+                self.loss_fn.state = state["context_state"].to(self.device)
         self.log(f"resumed from {ckpt} at step {self.step} ({self.tokens_seen:,} tokens seen)")
         if self.is_main:  # drop log lines written after that checkpoint by the interrupted segment
             for name in ("metrics.jsonl", "samples.jsonl"):
@@ -798,11 +838,16 @@ class Trainer:
         while self.step < cfg.max_iters:
             if self._should_stop():
                 return self._stop()
-            batches = [data.random_batches(self.train_cache, cfg.batch_size, cfg.block_size, self.data_gen,
-                                           device=self.device) for _ in range(cfg.grad_accum)]
+            if self.doc_iter is not None:  # context memory: consecutive chunks of the same stories
+                from .extras import next_context_batch
+
+                batches = [next_context_batch(self.doc_iter, cfg.context_bptt) for _ in range(cfg.grad_accum)]
+            else:
+                batches = [data.random_batches(self.train_cache, cfg.batch_size, cfg.block_size, self.data_gen,
+                                               device=self.device) for _ in range(cfg.grad_accum)]
             lr = self.optimizer.param_groups[0]["lr"]
             res = train_step(fwd, self.optimizer, batches, aux_coef=aux_coef, grad_clip=cfg.grad_clip,
-                             autocast_dtype=self.autocast_dtype, scheduler=self.scheduler)
+                             autocast_dtype=self.autocast_dtype, scheduler=self.scheduler, loss_fn=self.loss_fn)
             self.step += 1
             self.tokens_seen += tokens_per_step
             tok_interval += tokens_per_step
@@ -841,6 +886,8 @@ class Trainer:
                           "eta_s": round(eta, 1)}
                 if acc_counts is not None:
                     record.update(expert_balance(acc_counts))
+                if res.get("mtp_losses"):  # this step's loss of each extra head (t+2, t+3, ...)
+                    record["mtp_losses"] = [round(float(v), 5) for v in res["mtp_losses"]]
                 self.log(f"step {self.step}/{cfg.max_iters} loss {record['loss']:.4f} lr {lr:.2e} "
                          f"gnorm {record['grad_norm']:.3f} aux {record['aux_loss']:.3f} "
                          + (f"balance {record['expert_balance']:.2f} " if "expert_balance" in record else "")
@@ -918,6 +965,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "weight_decay", type=float)
     _flag(p, "grad_clip", type=float, help="max gradient norm (0: no clipping)")
     _flag(p, "aux_loss_coef", type=float, help="MoE load-balancing loss weight (default 0.01)")
+    _flag(p, "mtp_heads", type=int, help="multi-token prediction: extra heads for tokens t+2 .. t+1+K (0: off)")
+    _flag(p, "mtp_weight", type=float, help="loss weight of each extra MTP head (default 0.3)")
+    _flag(p, "context_memory", type=int, help="context-aware model: memory slots carried across chunks of a "
+                                              "story, trained on document-ordered batches (0: off)")
+    _flag(p, "context_bptt", type=int, help="chunks per sequence with the gradient through the memory (default 2)")
     _flag(p, "dtype", choices=list(DTYPES), help="auto: bf16 autocast on a bf16 GPU, else fp32")
     _flag(p, "compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     _flag(p, "seed", type=int)
@@ -935,10 +987,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-CLI_FIELDS = ("model_size", "arch", "model_overrides", "data", "tokenizer", "vocab_size", "cache_dir", "max_iters", "batch_size",
-              "block_size", "grad_accum", "lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
-              "aux_loss_coef", "dtype", "compile", "seed", "eval_interval", "eval_batches", "log_interval",
-              "sample_interval", "ckpt_interval", "device", "out", "use_tensorboard")
+CLI_FIELDS = ("model_size", "arch", "model_overrides", "data", "tokenizer", "vocab_size", "cache_dir", "max_iters",
+              "batch_size", "block_size", "grad_accum", "lr", "min_lr", "warmup_iters", "weight_decay", "grad_clip",
+              "aux_loss_coef", "mtp_heads", "mtp_weight", "context_memory", "context_bptt", "dtype", "compile",
+              "seed", "eval_interval", "eval_batches", "log_interval", "sample_interval", "ckpt_interval", "device",
+              "out", "use_tensorboard")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

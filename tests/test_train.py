@@ -7,7 +7,6 @@ the file stays CI-friendly on 2 shared cores."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -294,7 +293,8 @@ def test_resume_reproduces_uninterrupted_losses(tiny_data, cache_dir, tmp_path):
 def test_resume_without_checkpoint_says_what_to_do(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"train": T.TrainConfig(out=str(tmp_path)).to_dict()}))
     with pytest.raises(SystemExit, match="without --resume"):
-        T.Trainer(T.TrainConfig(out=str(tmp_path), data=str(tmp_path / "none.txt")), resume=True)._load_resume_checkpoint()
+        tr = T.Trainer(T.TrainConfig(out=str(tmp_path), data=str(tmp_path / "none.txt")), resume=True)
+        tr._load_resume_checkpoint()
     with pytest.raises(SystemExit, match="--out"):
         T.config_from_args(T.build_parser().parse_args(["--resume"]))
 
@@ -405,6 +405,6 @@ def test_toy_preset_on_tinystories_val_loss_clearly_falls(tmp_path):
     val = [(m["step"], m["val_loss"]) for m in read_metrics(out) if "val_loss" in m]
     assert [s for s, _ in val] == [0, 40, 80]
     assert val[0][1] > 8.0  # ~ln(4096) untrained
-    assert val[1][1] < val[0][1] - 1.5 and val[2][1] < val[1][1] - 0.2, val
+    assert val[1][1] < val[0][1] - 1.5 and val[2][1] < val[1][1] - 0.1 and val[2][1] < val[0][1] - 3.0, val
     card = json.loads((out / "final" / "card.json").read_text())
     assert card["size"] == "toy" and card["final_val_loss"] == pytest.approx(val[-1][1], abs=1e-4)
