@@ -149,15 +149,15 @@ def sampling_controls(kind: str, disabled: bool = False) -> SamplingParams:
               help="Sample only from the k most likely tokens. 0 = off.", **common)
     st.slider("Top-p", 0.05, 1.0, step=0.01, key=_seed_widget("top_p"),
               help="Sample from the smallest set of tokens whose probability adds up to p. 1 = off.", **common)
-    st.slider("Min-p", 0.0, 0.5, step=0.01, key=_seed_widget("min_p"),
-              help="Drop tokens less likely than min-p x the most likely one. 0 = off.", **common)
-    st.slider("Repetition penalty", 1.0, 2.0, step=0.05, key=_seed_widget("repetition_penalty"),
-              help="Makes tokens already in the text less likely. 1 = off.", **common)
     max_tokens = 4096 if kind == HARMONY else 1024
     key = _seed_widget("max_new_tokens")
     st.session_state[key] = min(max(16, int(st.session_state[key])), max_tokens)
     st.slider("Max new tokens", 16, max_tokens, step=16, key=key, disabled=disabled)
     with st.expander("More settings"):
+        st.slider("Min-p", 0.0, 0.5, step=0.01, key=_seed_widget("min_p"),
+                  help="Drop tokens less likely than min-p x the most likely one. 0 = off.", **common)
+        st.slider("Repetition penalty", 1.0, 2.0, step=0.05, key=_seed_widget("repetition_penalty"),
+                  help="Makes tokens already in the text less likely. 1 = off.", **common)
         st.slider("No-repeat n-gram size", 0, 6, key=_seed_widget("no_repeat_ngram_size"),
                   help="Never repeat a sequence of this many tokens. 0 = off.", **common)
         st.checkbox("Random seed", key=_seed_widget("random_seed"), disabled=disabled,

@@ -42,12 +42,12 @@ from model.sampling import SamplingParams
 HARMONY_CHAT_CONTEXT = 8192
 
 STOP_REASON_TEXT = {
-    "eos": "the model ended it",
-    "return": "the answer was complete",
-    "call": "the model asked for a tool (tools are not supported)",
-    "endoftext": "the model ended it",
+    "eos": "ended by the model",
+    "return": "answer complete",
+    "call": "asked for a tool (not supported)",
+    "endoftext": "ended by the model",
     "max_tokens": "max new tokens reached",
-    "stop_string": "a stop string",
+    "stop_string": "stop string reached",
     "cancelled": "stopped by you",
 }
 
@@ -229,7 +229,7 @@ class ReplyStats:
         """One line: tokens · tokens/s · time to first token · seed · why it stopped."""
         why = STOP_REASON_TEXT.get(self.stop_reason, self.stop_reason)
         line = (f"{self.tokens} tokens · {self.tokens_per_s:.1f} tokens/s · first token "
-                f"{self.time_to_first_token_s:.2f} s · seed {self.seed} · stopped: {why}")
+                f"{self.time_to_first_token_s:.2f} s · seed {self.seed} · {why}")
         if self.context_trimmed:
             line += " · the start of the story was left out to fit the context"
         return line

@@ -47,7 +47,7 @@ def story_tokenizer(tmp_path_factory):
 def tiny_story_checkpoint(tmp_path_factory, story_tokenizer) -> Path:
     """A tiny story model (random weights, ~30K parameters) in our checkpoint format."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "story", story_tokenizer,
-                                 card={"description": "tiny story test model", "preset": "test"})
+                                 max_context=512, card={"description": "tiny story test model", "preset": "test"})
 
 
 @pytest.fixture(scope="session")

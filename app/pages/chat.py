@@ -130,19 +130,22 @@ def empty_state(loaded: engine.LoadedModel | None, entries: list[registry.ModelE
         return
     st.markdown("Write the first sentence or two of a story, and the model will continue it. "
                 "Add a line of your own whenever you like, or press **Continue** for more.")
-    cols = st.columns(len(STORY_STARTERS))
-    for col, text in zip(cols, STORY_STARTERS):
-        col.button(text, on_click=_set_action, args=("send", text), use_container_width=True)
+    st.caption("Or start with one of these:")
+    with st.container(horizontal=True):
+        for i, text in enumerate(STORY_STARTERS):
+            st.button(text, key=f"starter{i}", icon=":material/edit_note:", on_click=_set_action,
+                      args=("send", text))
 
 
 def action_buttons(kind: str) -> None:
-    cols = st.columns([1, 1, 1, 3])
-    cols[0].button("Regenerate", key="regenerate", icon=":material/refresh:", on_click=_set_action,
-                   args=("regenerate",), help="The same prompt again, with a new seed.")
-    if kind == registry.STORY:
-        cols[1].button("Continue", key="continue", icon=":material/arrow_forward:", on_click=_set_action,
-                       args=("continue",), help="Let the model write more of this story.")
-    cols[2].button("Clear", key="clear", icon=":material/delete:", on_click=_clear, help="Start a new story.")
+    with st.container(horizontal=True):
+        if kind == registry.STORY:
+            st.button("Continue", key="continue", icon=":material/arrow_forward:", on_click=_set_action,
+                      args=("continue",), help="Let the model write more of this story.", type="primary")
+        st.button("Regenerate", key="regenerate", icon=":material/refresh:", on_click=_set_action,
+                  args=("regenerate",), help="The same prompt again, with a new seed.")
+        st.button("Clear", key="clear", icon=":material/delete:", on_click=_clear,
+                  help="Start a new story." if kind == registry.STORY else "Start a new conversation.")
 
 
 # ---- generation --------------------------------------------------------------------------------------------
@@ -171,6 +174,7 @@ def _stream_story(loaded: engine.LoadedModel, messages: list[dict[str, Any]], st
         if not cont and (target["content"] or target["stats"]):
             messages.append(target)
         state["busy"] = False
+        state["refresh"] = True
 
 
 def _stream_harmony(loaded: engine.LoadedModel, messages: list[dict[str, Any]], state: dict[str, Any],
@@ -206,6 +210,7 @@ def _stream_harmony(loaded: engine.LoadedModel, messages: list[dict[str, Any]], 
         if target["content"] or target["reasoning"] or target["stats"]:
             messages.append(target)
         state["busy"] = False
+        state["refresh"] = True
 
 
 def generate(loaded: engine.LoadedModel, state: dict[str, Any], action: tuple[str, str | None], params,
@@ -223,9 +228,22 @@ def generate(loaded: engine.LoadedModel, state: dict[str, Any], action: tuple[st
         state["error"] = str(e)
 
 
+@st.fragment(run_every=0.5)
+def _refresh_after_stop() -> None:
+    """Drawn only while a reply streams. Stop ends the script run with no rerun, which would leave the
+    sidebar disabled and the reply without its stats line and buttons; the `finally:` blocks set
+    `refresh`, and this fragment's timer (it keeps firing after the run stopped) then reruns the app.
+    A timer firing while the reply still streams only queues a fragment run, which does not interrupt it."""
+    state = chat_state()
+    if state.get("refresh"):
+        state["refresh"] = False
+        st.rerun(scope="app")
+
+
 # ---- the page ----------------------------------------------------------------------------------------------
 def main() -> None:
     state = chat_state()
+    state["refresh"] = False
     entries = registry.list_models()
     messages = state["messages"]
     chosen = controls.requested_model_id(registry.default_model_id(entries))
@@ -279,6 +297,7 @@ def main() -> None:
 
     if busy:
         state["busy"] = True
+        _refresh_after_stop()
         generate(loaded, state, action, params, effort)
         st.rerun()  # redraw with the stats line, the buttons and enabled controls
     elif messages:

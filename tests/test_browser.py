@@ -1,0 +1,163 @@
+"""End to end in a real browser: the server on a free loopback port, Debian's Chromium driven by Playwright.
+
+Needs `/usr/bin/chromium` (`apt-get install -y chromium`; scripts/setup.sh --dev installs it). Without it the
+test fails and says so: it is part of CI, not optional.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import build_tiny_checkpoint
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(os.environ.get("STORYFORGE_SCREENSHOT", "/tmp/storyforge_chat.png"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _never_end(ckpt: Path, eos_id: int) -> None:
+    """Make the random model's replies run to max new tokens: EOS gets logit 0 while the other logits are
+    spread 50x wider, so EOS never makes the default top-k of 50 (otherwise a reply meant to be stopped by the
+    test could end by itself)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    w = tensors["unembedding.weight"] * 50
+    w[eos_id] = 0
+    tensors["unembedding.weight"] = w
+    save_file(tensors, ckpt / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory, story_tokenizer):
+    root = tmp_path_factory.mktemp("browser")
+    # A long context so a long reply streams without refills; random weights (the text is noise).
+    ckpt = build_tiny_checkpoint(root / "weights" / "default", story_tokenizer, max_context=2048)
+    _never_end(ckpt, story_tokenizer.eos_id)
+    port = _free_port()
+    env = {**os.environ, "STORYFORGE_WEIGHTS_DIR": str(root / "weights"), "STORYFORGE_RUNS_DIR": str(root / "runs")}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "server.py", "--server.headless", "true",
+         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"streamlit exited with {proc.returncode}:\n{(root / 'server.log').read_text()}")
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not answer on {url}:\n{(root / 'server.log').read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install it with `apt-get update && apt-get install -y "
+                    "chromium` (scripts/setup.sh --dev does this). Playwright cannot download browsers here.")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+def _set_max_tokens(page, key: str, shown: str) -> None:
+    """Move the Max new tokens slider to its minimum ("Home") or maximum ("End") with the keyboard."""
+    box = page.get_by_test_id("stSlider").filter(has_text="Max new tokens")
+    box.get_by_role("slider").focus()
+    box.get_by_role("slider").press(key)
+    expect(box.get_by_test_id("stSliderThumbValue")).to_have_text(shown)
+    page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]")
+
+
+def _send(page, text: str) -> None:
+    box = page.get_by_test_id("stChatInputTextArea")
+    box.fill(text)
+    box.press("Enter")
+
+
+def expect(locator):
+    from playwright.sync_api import expect as _expect
+
+    return _expect(locator)
+
+
+def test_story_streams_and_stop_keeps_the_partial_reply(server_url, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(30_000)
+    page.goto(server_url)
+    page.get_by_text("Write the first sentence or two of a story").wait_for()
+    model_box = page.get_by_test_id("stSidebar").get_by_role("combobox", name="Model")
+    expect(model_box).to_have_value("Default story model · 39.8K")
+
+    # A short reply, streamed to the end: the stats line appears under it.
+    _set_max_tokens(page, "Home", "16")
+    _send(page, "Once upon a time, a little fox found a shiny key.")
+    messages = page.get_by_test_id("stChatMessage")
+    messages.nth(1).get_by_text("tokens/s").wait_for()
+    assert "Once upon a time, a little fox" in messages.nth(0).inner_text()
+    first = messages.nth(1).inner_text()
+    assert "16 tokens" in first and "seed" in first
+    assert page.get_by_role("button", name="Continue").is_visible()
+
+    # A long reply: it grows while streaming; Stop keeps what was written so far.
+    _set_max_tokens(page, "End", "1024")
+    _send(page, "Then the fox ran home.")
+    reply = messages.nth(3)
+    reply.wait_for()
+    page.wait_for_function(
+        "() => { const m = document.querySelectorAll('[data-testid=stChatMessage]');"
+        " return m.length >= 4 && m[3].innerText.trim().length > 5; }")
+    early = len(reply.inner_text())
+    page.wait_for_function(
+        f"() => document.querySelectorAll('[data-testid=stChatMessage]')[3].innerText.length > {early}")
+    stop = page.get_by_test_id("stChatInputStopButton")
+    assert stop.is_visible()
+    stop.click()
+    reply.get_by_text("stopped by you").wait_for()
+    kept = reply.inner_text()
+    n_tokens = int(kept.split(" tokens ·")[0].split()[-1])
+    assert 0 < n_tokens < 1024
+    assert len(kept.split("\n")[0].strip()) > 0  # the partial text is still there, above its stats
+    assert page.get_by_role("button", name="Regenerate").is_visible()
+    # After Stop the controls work again.
+    slider = page.get_by_test_id("stSlider").filter(has_text="Max new tokens").get_by_role("slider")
+    assert slider.get_attribute("aria-disabled") != "true"
+    page.screenshot(path=str(SCREENSHOT))
+    page.close()
