@@ -44,6 +44,10 @@ class ModelConfig:
     init_std: float = 0.02
     aux_loss_coef: float = 0.01
     tie_word_embeddings: bool = False  # gpt2 ties; gptoss never does
+    # Extras (model/extras.py); 0 = off, so older configs and checkpoints load unchanged.
+    mtp_heads: int = 0  # extra heads predicting tokens t+2 .. t+1+mtp_heads beside the next-token head
+    mtp_loss_weight: float = 0.3  # training weight of each extra head's cross-entropy
+    context_slots: int = 0  # learned memory vectors carried from one chunk of a story to the next (gptoss)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata (name, notes)
 
     def __post_init__(self) -> None:
@@ -55,6 +59,10 @@ class ModelConfig:
             raise ValueError("experts_per_token cannot exceed num_experts")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even (rotary embedding)")
+        if self.mtp_heads < 0 or self.context_slots < 0:
+            raise ValueError("mtp_heads and context_slots must be >= 0")
+        if self.context_slots and self.arch != "gptoss":
+            raise ValueError("context memory (context_slots > 0) needs arch 'gptoss' (rotary positions)")
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -127,7 +127,12 @@ class Transformer(CausalLM):
 
 
 def build_model(cfg: ModelConfig) -> CausalLM:
-    """The model for a config: `Transformer` for arch 'gptoss', `GPT2` for 'gpt2'."""
+    """The model for a config: `Transformer` for arch 'gptoss', `GPT2` for 'gpt2' (with MTP heads / context
+    memory from model/extras.py when the config asks for them)."""
+    if getattr(cfg, "mtp_heads", 0) or getattr(cfg, "context_slots", 0):
+        from .extras import build_extras_model
+
+        return build_extras_model(cfg)
     if cfg.arch == "gptoss":
         return Transformer(cfg)
     from .gpt2 import GPT2
