@@ -234,7 +234,7 @@ def speculative_generate(model: Any, prompt_ids: Sequence[int], params: Sampling
             continue
         # drafts come from the hidden state of the position *before* pending (h_last), offsets 2..K+1
         drafts, q = draft(h_last[:, -1])
-        n = min(len(drafts), room - 1, params.max_new_tokens - len(out))
+        n = min(len(drafts), room - 1, params.max_new_tokens - len(out) - 1)  # + the token after them
         drafts = drafts[:n]
         feed = [pending] + drafts
         snap = snapshot_cache(cache, len(feed))
