@@ -134,7 +134,7 @@ def test_story_streams_and_stop_keeps_the_partial_reply(server_url, browser):
     assert "Once upon a time, a little fox" in messages.nth(0).inner_text()
     first = messages.nth(1).inner_text()
     assert "16 tokens" in first and "seed" in first
-    assert page.get_by_role("button", name="Continue").is_visible()
+    expect(page.get_by_role("button", name="Continue")).to_be_visible()
 
     # A long reply: it grows while streaming; Stop keeps what was written so far.
     _set_max_tokens(page, "End", "1024")
@@ -148,16 +148,16 @@ def test_story_streams_and_stop_keeps_the_partial_reply(server_url, browser):
     page.wait_for_function(
         f"() => document.querySelectorAll('[data-testid=stChatMessage]')[3].innerText.length > {early}")
     stop = page.get_by_test_id("stChatInputStopButton")
-    assert stop.is_visible()
+    expect(stop).to_be_visible()
     stop.click()
     reply.get_by_text("stopped by you").wait_for()
     kept = reply.inner_text()
     n_tokens = int(kept.split(" tokens ·")[0].split()[-1])
     assert 0 < n_tokens < 1024
     assert len(kept.split("\n")[0].strip()) > 0  # the partial text is still there, above its stats
-    assert page.get_by_role("button", name="Regenerate").is_visible()
+    expect(page.get_by_role("button", name="Regenerate")).to_be_visible()
     # After Stop the controls work again.
     slider = page.get_by_test_id("stSlider").filter(has_text="Max new tokens").get_by_role("slider")
-    assert slider.get_attribute("aria-disabled") != "true"
+    expect(slider).to_be_enabled()
     page.screenshot(path=str(SCREENSHOT))
     page.close()
