@@ -31,7 +31,6 @@ def main() -> None:
             "Active / token": registry.format_count(e.params_active),
             "On disk": registry.format_bytes(e.size_bytes) if e.size_bytes else "-",
             "Memory needed": registry.format_bytes(e.memory_bytes),
-            "Source": e.source,
         } for e in entries],
         hide_index=True, use_container_width=True)
     st.caption(_machine_line())
