@@ -40,8 +40,8 @@ LARGE_MODEL_BYTES = 2 * 1024**3
 GPT_OSS_CHAT_CONTEXT = 8192
 
 _GPT_OSS_INFO = {
-    "gpt-oss-20b": "OpenAI's open-weight reasoning model (21B total, 3.6B active parameters, MXFP4 experts; "
-                   "Apache-2.0). Chat in the harmony format with visible reasoning.",
+    "gpt-oss-20b": "OpenAI's open-weight reasoning model (mixture of experts, MXFP4 weights; Apache-2.0). "
+                   "Chat in the harmony format with visible reasoning.",
     "gpt-oss-120b": "OpenAI's larger open-weight reasoning model (mixture of experts, MXFP4 weights; "
                     "Apache-2.0). Needs a machine with about 64 GB of memory or more.",
 }
