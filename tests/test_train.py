@@ -322,7 +322,7 @@ def test_checkpoint_save_is_atomic(tiny_data, cache_dir, tmp_path, monkeypatch):
     assert T.find_resume_checkpoint(out) == out / "ckpt.old"
 
 
-def test_cli_sigint_stops_gracefully_and_failure_is_recorded(tiny_data, cache_dir, tmp_path):
+def test_cli_sigint_stops_gracefully_and_failure_is_recorded(tiny_data, cache_dir, tmp_path, capsys):
     out = tmp_path / "sig"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "model.train", "--no-progress", "--preset", "debug", "--data", str(tiny_data),
@@ -345,8 +345,9 @@ def test_cli_sigint_stops_gracefully_and_failure_is_recorded(tiny_data, cache_di
     assert status["state"] == "stopped" and "SIGINT" in status["message"]
     assert T.find_resume_checkpoint(out) is not None
     assert "tok/s" in output and "ETA" in output  # log lines on stdout too (stdout is not train.log)
-    bad = run_cli(["--preset", "debug", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "bad")])
-    assert bad.returncode == 2 and "Data not found" in bad.stderr
+    assert T.main(["--preset", "debug", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "bad"),
+                   "--no-progress"]) == 2
+    assert "Data not found" in capsys.readouterr().err
     st = json.loads((tmp_path / "bad" / "status.json").read_text())
     assert st["state"] == "failed" and "missing.txt" in st["message"]
 
