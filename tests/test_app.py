@@ -414,3 +414,11 @@ def test_gpt_oss_chat_shows_the_answer_and_hides_reasoning_in_an_expander(model_
     prompt = fake.tokenizer.decode(i for i in fake.prompts[-1] if i < harmony.FIRST_SPECIAL_ID)
     assert "Hello there!" in prompt and "User greets" not in prompt
     assert "continue" not in {b.key for b in at.button}
+
+
+def test_with_no_model_at_all_the_page_says_how_to_get_one(model_roots):
+    at = new_app()
+    assert "No model is available yet" in at.info[0].value
+    text = " ".join(m.value for m in at.markdown)
+    assert "python -m model.train" in text and "python download_weights.py --model gpt-oss-20b" in text
+    assert at.chat_input[0].disabled
