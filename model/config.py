@@ -160,7 +160,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Total parameters, active parameters per token, and embedding parameters, computed from the config.
 
     'active' counts every weight a single token's forward pass touches: attention, router, the selected experts,
-    norms, the embedding row lookup counted as the full table (as the gpt-oss model card does) and the unembedding.
+    norms, the unembedding, and the input embedding table counted whole; 'active_excl_embedding' leaves the input
+    table out (the convention of the gpt-oss model card: 3.6B for 20b, 5.1B for 120b).
     """
     D, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     if cfg.arch == "gpt2":
@@ -171,7 +172,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
         emb = V * D + cfg.max_context * D
         head = 0 if cfg.tie_word_embeddings else V * D
         total = L * per_layer + emb + head + 2 * D
-        return {"total": total, "active": total, "embedding": emb + head}
+        return {"total": total, "active": total, "active_excl_embedding": total - emb, "embedding": emb + head}
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     attn = D * (q + 2 * kv) + (q + 2 * kv) + q * D + D + cfg.num_attention_heads + D  # + sinks + norm
     I, E = cfg.intermediate_size, cfg.num_experts
@@ -182,7 +183,8 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     emb = 2 * V * D  # untied embedding + unembedding
     total = L * (attn + mlp_total) + emb + D
     active = L * (attn + mlp_active) + emb + D
-    return {"total": total, "active": active, "embedding": emb}
+    # The model card's "3.6B active" for gpt-oss-20b leaves out the input embedding table (a token reads one row).
+    return {"total": total, "active": active, "active_excl_embedding": active - V * D, "embedding": emb}
 
 
 def gpt2_matched(cfg: ModelConfig, match: str = "total") -> ModelConfig:
@@ -214,4 +216,5 @@ def format_count(n: int) -> str:
 def parameter_report(cfg: ModelConfig) -> str:
     c = parameter_counts(cfg)
     return (f"{cfg.arch} {cfg.extra.get('preset', '')}: total {format_count(c['total'])}, "
-            f"active/token {format_count(c['active'])}, embedding {format_count(c['embedding'])}").strip()
+            f"active/token {format_count(c['active'])} ({format_count(c['active_excl_embedding'])} without the input "
+            f"embedding), embedding {format_count(c['embedding'])}").strip()

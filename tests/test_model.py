@@ -204,6 +204,8 @@ def test_preset_sizes(name, low, high):
 def test_published_sizes_and_analytic_counts_match_built_models():
     c20 = parameter_counts(ModelConfig.preset("gpt-oss-20b"))
     assert c20["total"] == 20_914_757_184  # spec section 1.1
+    assert round(c20["active_excl_embedding"] / 1e9, 2) == 3.61  # the model card's "3.6B active"
+    assert round(parameter_counts(ModelConfig.preset("gpt-oss-120b"))["active_excl_embedding"] / 1e9, 2) == 5.13
     assert parameter_counts(ModelConfig.preset("gpt-oss-120b"))["total"] == 116_829_156_672
     for name in ("toy", "gpt2-toy", "gpt2-toy-active"):
         cfg = ModelConfig.preset(name)
