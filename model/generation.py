@@ -51,7 +51,8 @@ class GenerationResult:
     """The outcome of one generation call.
 
     text: the continuation as emitted (stop strings and stop tokens excluded; not the prompt).
-    token_ids: generated ids (the stop id that ended the call is not included).
+    token_ids: generated ids (the stop id that ended the call is not included; with a stop string, the ids
+        that spelled it are).
     prompt_tokens: prompt length in tokens, BOS included.
     stop_reason: "eos" (a stop id), "stop_string", "max_tokens" or "cancelled".
     seed: the seed actually used (the drawn one when the request asked for -1): re-run with it to reproduce.
@@ -59,6 +60,7 @@ class GenerationResult:
     tokens_per_s: decode speed, tokens after the first divided by the time after the first.
     elapsed_s: wall time of the whole call.
     context_trimmed: the context reached the model's limit and older tokens were dropped.
+    stop_id: the stop id that ended the call (stop_reason "eos"), else None.
     """
 
     text: str
@@ -70,6 +72,7 @@ class GenerationResult:
     tokens_per_s: float
     elapsed_s: float
     context_trimmed: bool = False
+    stop_id: int | None = None
 
 
 # ---- incremental detokenizer -------------------------------------------------------------------------------
@@ -282,7 +285,8 @@ class _DecodeRun:
             text = self.tokenizer.decode(self.generated) if self.tokenizer is not None and n else ""
         return GenerationResult(text=text, token_ids=list(self.generated), prompt_tokens=len(self.prompt_ids),
                                 stop_reason=self.stop_reason, seed=self.seed, time_to_first_token_s=ttft,
-                                tokens_per_s=tps, elapsed_s=t_end - start, context_trimmed=self.context_trimmed)
+                                tokens_per_s=tps, elapsed_s=t_end - start, context_trimmed=self.context_trimmed,
+                                stop_id=self.last_stop_id)
 
 
 class TokenStream:
@@ -302,6 +306,11 @@ class TokenStream:
     @property
     def context_trimmed(self) -> bool:
         return self._run.context_trimmed
+
+    @property
+    def stop_id(self) -> int | None:
+        """The stop id that ended the stream (it is not yielded), or None."""
+        return self._run.last_stop_id
 
     def __iter__(self) -> TokenStream:
         return self

@@ -68,6 +68,16 @@ def tiny_model(arch: str = "gptoss", vocab: int = 258, seed: int = 0, **kw) -> t
     return model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and on a busy shared machine two OpenMP threads can be many times
+    slower; restored afterwards for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def gpt2_tok():
     from model.tokenizer import load_tokenizer
@@ -153,8 +163,10 @@ def test_stops_on_stop_id_which_is_not_emitted(byte_gen):
     k = first.token_ids.index(stop)
     gen = Generator(byte_gen.model, ByteTokenizer(stop_ids=frozenset({stop})))  # the tokenizer's default stops
     res = gen.generate("Hi", GREEDY)
-    assert res.stop_reason == "eos"
+    assert res.stop_reason == "eos" and res.stop_id == stop
     assert res.token_ids == first.token_ids[:k]
+    ts = gen.stream_tokens(gen.encode_prompt("Hi"), GREEDY)
+    assert list(ts) == first.token_ids[:k] and ts.stop_id == stop
     assert res.text == ByteTokenizer().decode(first.token_ids[:k])
 
 
@@ -365,6 +377,10 @@ def test_cli_num_samples_and_interactive(checkpoint_dir):
     assert all("stop=max_tokens" in s or "stop=eos" in s for s in summaries)
 
 
-def test_cli_reports_missing_checkpoint(tmp_path):
-    p = _cli(["--model", str(tmp_path / "nope"), "--prompt", "x"])
-    assert p.returncode == 2 and "error" in p.stderr
+def test_cli_reports_missing_checkpoint_and_missing_prompt(tmp_path, capsys):
+    from model.generate import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "error: cannot load" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path)]) == 2
+    assert "--prompt" in capsys.readouterr().err
