@@ -25,7 +25,6 @@ from model.generation import (
 from model.gptoss import build_model
 from model.sampling import SamplingParams
 
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken_cache")
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 
@@ -358,7 +357,7 @@ def test_token_generator_yields_ids_and_resets(checkpoint_dir):
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------
 def _cli(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": os.environ["TIKTOKEN_CACHE_DIR"], "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # TIKTOKEN_CACHE_DIR comes from conftest
     return subprocess.run([sys.executable, "-m", "model.generate", *args], input=stdin, capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=120)
 
