@@ -217,12 +217,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bandwidth bound: {per_token / 1e9:.2f} GB read per decoded token at {args.bandwidth_gbs:g} GB/s "
           f"= {bound:.1f} tokens/s", flush=True)
     rows = []
-    for budget in args.budgets:
-        print(f"running: kernel, cache budget {budget:g} GiB ...", flush=True)
-        rows.append(_run_config(args, budget, True, args.tokens))
+    runs = [(budget, True, args.tokens) for budget in args.budgets]
     if args.torch_baseline:
-        print(f"running: pure torch, cache budget {args.budgets[0]:g} GiB ...", flush=True)
-        rows.append(_run_config(args, args.budgets[0], False, min(args.tokens, 4)))
+        runs.append((args.budgets[0], False, min(args.tokens, 4)))
+    for budget, kernel, tokens in runs:
+        print(f"running: {'kernel' if kernel else 'pure torch'}, cache budget {budget:g} GiB ...", flush=True)
+        rows.append(_run_config(args, budget, kernel, tokens))
+        print("  " + json.dumps(rows[-1]), flush=True)  # each result as soon as it exists
     layers = cfg["num_hidden_layers"]
     print(f"\ngpt-oss-20b{' (4 layers)' if args.small else ''}, {layers} layers, random weights, "
           f"prompt {args.prompt_tokens} tokens, {args.tokens} decoded tokens, {os.cpu_count()} CPUs; {ROUTING_NOTE}.")
