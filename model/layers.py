@@ -186,6 +186,8 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     Returns [B, Hq, T, hd]."""
     hd = q.shape[-1]
     scale = 1.0 / math.sqrt(hd)
+    if q.shape[2] <= _FEW_QUERIES:
+        return _sink_attention_few(q, k, v, sinks, mask, scale)
     pad = 8  # keep the augmented head dim a multiple of 8 for the fused kernel
     qa = F.pad(q, (0, pad))
     qa[..., hd] = (sinks.to(q.dtype) / scale)[:, None]
@@ -194,6 +196,22 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     va = F.pad(v, (0, 0, 1, 0))
     return F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
+
+
+_FEW_QUERIES = 4  # decode steps: two small matmuls beat the fused kernel's fixed cost per call
+
+
+def _sink_attention_few(q, k, v, sinks, mask, scale):
+    """The same math written out for a handful of queries (decoding), grouped-query without repeating keys."""
+    B, Hq, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    scores = (q.reshape(B, Hkv, g * T, hd) @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, g*T, S]
+    scores = scores.view(B, Hkv, g, T, S).masked_fill(~mask[:, 1:], float("-inf"))
+    sink = sinks.float().view(1, Hkv, g, 1, 1).expand(B, Hkv, g, T, 1)
+    probs = torch.softmax(torch.cat([sink, scores], dim=-1), dim=-1)[..., 1:]
+    out = probs.to(v.dtype).reshape(B, Hkv, g * T, S) @ v  # [B, Hkv, g*T, hd]
+    return out.view(B, Hq, T, hd)
 
 
 class AttentionBlock(nn.Module):

@@ -122,6 +122,21 @@ def test_sink_attention_matches_the_written_formula():
     assert torch.allclose(got, probs @ vv, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_decode_attention_path_matches_the_fused_path(T):
+    from model.layers import _sink_attention_few
+
+    torch.manual_seed(1)
+    B, Hq, Hkv, S, hd = 2, 8, 2, 11, 16
+    q, k, v = torch.randn(B, Hq, T, hd), torch.randn(B, Hkv, S, hd), torch.randn(B, Hkv, S, hd)
+    sinks = torch.randn(Hq)
+    mask = torch.ones(T, S + 1, dtype=torch.bool)
+    mask[:, 1:3] = False  # a couple of keys out of the window
+    q_big = q.repeat(1, 1, 3, 1)  # >4 queries: the SDPA path
+    fused = sink_attention(q_big, k, v, sinks, mask.repeat(3, 1))[:, :, :T]
+    assert torch.allclose(_sink_attention_few(q, k, v, sinks, mask, 1 / math.sqrt(hd)), fused, atol=1e-5)
+
+
 def test_yarn_inverse_frequencies_match_the_spec_vector():
     inv, c = yarn_inv_freq(ModelConfig.preset("gpt-oss-20b"))
     assert c == pytest.approx(1.3465735902799727)
