@@ -185,7 +185,8 @@ def job_args(*, preset: str = "fast", model_size: str | None = None, arch: str |
              block_size: int | None = None, lr: float | None = None, seed: int | None = None,
              vocab_size: int | None = None, mtp_heads: int | None = None, context_memory: int | None = None,
              eval_interval: int | None = None, log_interval: int | None = None,
-             sample_interval: int | None = None, model_overrides: dict[str, Any] | None = None,
+             sample_interval: int | None = None, warmup_iters: int | None = None,
+             model_overrides: dict[str, Any] | None = None,
              extra: Sequence[str] = ()) -> list[str]:
     """Trainer CLI arguments (no --out) for the options given; None leaves the preset's value."""
     args = ["--preset", preset]
@@ -193,7 +194,7 @@ def job_args(*, preset: str = "fast", model_size: str | None = None, arch: str |
                                    batch_size=batch_size, block_size=block_size, lr=lr, seed=seed,
                                    vocab_size=vocab_size, mtp_heads=mtp_heads, context_memory=context_memory,
                                    eval_interval=eval_interval, log_interval=log_interval,
-                                   sample_interval=sample_interval)
+                                   sample_interval=sample_interval, warmup_iters=warmup_iters)
     for key, value in options.items():
         if value is not None:
             args += [f"--{key}", str(value)]

@@ -6,7 +6,9 @@ test fails and says so: it is part of CI, not optional.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -46,14 +48,10 @@ def _never_end(ckpt: Path, eos_id: int) -> None:
     save_file(tensors, ckpt / "model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory, story_tokenizer):
-    root = tmp_path_factory.mktemp("browser")
-    # A long context so a long reply streams without refills; random weights (the text is noise).
-    ckpt = build_tiny_checkpoint(root / "weights" / "default", story_tokenizer, max_context=2048)
-    _never_end(ckpt, story_tokenizer.eos_id)
+@contextlib.contextmanager
+def serve(root: Path, env: dict[str, str]):
+    """`streamlit run server.py` on a free loopback port with `env`; yields its URL, stops it afterwards."""
     port = _free_port()
-    env = {**os.environ, "STORYFORGE_WEIGHTS_DIR": str(root / "weights"), "STORYFORGE_RUNS_DIR": str(root / "runs")}
     log = open(root / "server.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "server.py", "--server.headless", "true",
@@ -82,6 +80,17 @@ def server_url(tmp_path_factory, story_tokenizer):
             proc.kill()
             proc.wait(5)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory, story_tokenizer):
+    root = tmp_path_factory.mktemp("browser")
+    # A long context so a long reply streams without refills; random weights (the text is noise).
+    ckpt = build_tiny_checkpoint(root / "weights" / "default", story_tokenizer, max_context=2048)
+    _never_end(ckpt, story_tokenizer.eos_id)
+    env = {**os.environ, "STORYFORGE_WEIGHTS_DIR": str(root / "weights"), "STORYFORGE_RUNS_DIR": str(root / "runs")}
+    with serve(root, env) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -160,4 +169,78 @@ def test_story_streams_and_stop_keeps_the_partial_reply(server_url, browser):
     slider = page.get_by_test_id("stSlider").filter(has_text="Max new tokens").get_by_role("slider")
     expect(slider).to_be_enabled()
     page.screenshot(path=str(SCREENSHOT))
+    page.close()
+
+
+TRAIN_SCREENSHOT = Path(os.environ.get("STORYFORGE_TRAIN_SCREENSHOT", "/tmp/storyforge_train.png"))
+
+
+@pytest.fixture(scope="module")
+def train_server_url(tmp_path_factory):
+    """A server with no model yet, a small local corpus and one trainer thread."""
+    from tests.test_jobs import tiny_corpus
+
+    root = tmp_path_factory.mktemp("browser_train")
+    env = {**os.environ, "STORYFORGE_WEIGHTS_DIR": str(root / "weights"), "STORYFORGE_RUNS_DIR": str(root / "runs"),
+           "STORYFORGE_DATA_DIR": str(tiny_corpus(root / "data")), "STORYFORGE_CACHE_DIR": str(root / "cache"),
+           "STORYFORGE_TRAIN_THREADS": "1"}
+    with serve(root, env) as url:
+        yield url
+
+
+def _idle(page) -> None:
+    page.wait_for_selector("[data-testid=stApp][data-test-script-state=notRunning]")
+
+
+def _number(page, label: str, value: str) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+    box.press("Enter")
+    expect(box).to_have_value(value)
+    _idle(page)
+
+
+def test_train_a_toy_model_watch_it_and_chat_with_it(train_server_url, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(f"{train_server_url}/train")
+    page.get_by_text("Your first model arrives soon").wait_for()
+    expect(page.get_by_test_id("stSelectbox").filter(has_text="Preset").get_by_role("combobox")) \
+        .to_have_value("toy · a 2M-parameter story model in minutes on a laptop CPU")
+
+    # The toy preset, cut down to a few seconds of training.
+    _number(page, "Iterations", "20")
+    _number(page, "Batch size", "4")
+    _number(page, "Block size (tokens)", "64")
+    page.get_by_text("Advanced").click()
+    _number(page, "Vocabulary size", "400")
+    page.get_by_label("Run name", exact=True).fill("browser-toy")
+    page.get_by_label("Run name", exact=True).press("Enter")
+    _idle(page)
+    page.get_by_text("Estimate:").wait_for()
+    page.get_by_role("button", name="Start training").click()
+
+    # The run appears with its progress bar, then its charts; the page polls until it is finished.
+    page.get_by_text("browser-toy").first.wait_for()
+    expect(page.get_by_test_id("stProgress").first).to_be_visible()
+    page.get_by_text("finished").first.wait_for(timeout=150_000)
+    page.locator("[data-testid=stPlotlyChart] .main-svg").first.wait_for()
+    expect(page.get_by_test_id("stPlotlyChart")).to_have_count(4)  # loss, learning rate, speed, expert load
+    page.get_by_text("Sample story at step 20").wait_for()
+    page.get_by_text("New training run").click()  # fold the form away for the picture
+    page.set_viewport_size({"width": 1280, "height": 2400})  # the app scrolls inside its own container
+    page.wait_for_timeout(800)  # let plotly redraw at the new size
+    page.screenshot(path=str(TRAIN_SCREENSHOT))
+    page.set_viewport_size({"width": 1280, "height": 1000})
+
+    # Chat with what it produced.
+    page.get_by_role("button", name="Chat with this model").click()
+    page.get_by_text("Write the first sentence or two of a story").wait_for()
+    model_box = page.get_by_test_id("stSidebar").get_by_role("combobox", name="Model")
+    expect(model_box).to_have_value(re.compile(r"^browser-toy · "))
+    _set_max_tokens(page, "Home", "16")
+    _send(page, "Once upon a time, a little cat")
+    messages = page.get_by_test_id("stChatMessage")
+    messages.nth(1).get_by_text("tokens/s").wait_for()
+    assert "Once upon a time, a little cat" in messages.nth(0).inner_text()
     page.close()

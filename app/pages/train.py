@@ -27,7 +27,7 @@ PRESETS: dict[str, tuple[str, str, str]] = {
     "standard": ("standard", "small", "the shipped size: about an hour on a GPU"),
     "production": ("production", "medium", "the long run: a bigger model and context, hours on a GPU"),
 }
-ARCH_LABELS = {"gptoss": "GPT-OSS (mixture of experts)", "gpt2": "GPT-2 (dense baseline)"}
+ARCH_LABELS = {"gptoss": "GPT-OSS", "gpt2": "GPT-2"}
 SIZES = ["toy", "small", "medium", "large"]
 LOCAL, HUB, FILE = "local", "hub", "file"
 STATE_BADGE = {
@@ -79,7 +79,8 @@ def _intervals(train_preset: str, iters: int) -> dict[str, int]:
     cfg = TRAIN_PRESETS[train_preset]
     return {"log_interval": max(1, min(cfg.log_interval, iters // 50)),
             "eval_interval": max(1, min(cfg.eval_interval, iters // 4)),
-            "sample_interval": max(1, min(cfg.sample_interval, iters // 2)) if cfg.sample_interval else 0}
+            "sample_interval": max(1, min(cfg.sample_interval, iters // 2)) if cfg.sample_interval else 0,
+            "warmup_iters": min(cfg.warmup_iters, iters // 10)}
 
 
 def _start() -> None:
@@ -135,7 +136,8 @@ def new_run_form(mgr: jobs.JobManager) -> None:
                  help="Fills in size, iterations, batch, block and learning rate; change any of them after.")
     c1, c2 = st.columns(2)
     c1.segmented_control("Architecture", list(ARCH_LABELS), key="tr_arch", format_func=ARCH_LABELS.get,
-                         help="GPT-2 gets the same total parameter count as the GPT-OSS model, for comparison.")
+                         help="GPT-OSS: mixture of experts, rotary positions, attention sinks. GPT-2: the dense "
+                              "baseline with the same total parameter count, for comparison.")
     c2.selectbox("Size", SIZES, key="tr_size")
     arch = s.tr_arch or "gptoss"
     sources = ([LOCAL] if os.environ.get(DATA_DIR_ENV) else []) + [HUB, FILE]
@@ -284,8 +286,7 @@ def job_row(job: jobs.Job, selected: bool) -> None:
     with st.container(border=True):
         head, badge = st.columns([3, 1.3], vertical_alignment="center")
         cfg = job.train_config
-        what = " · ".join(str(v) for v in (cfg.get("model_size"), ARCH_LABELS.get(cfg.get("arch"), "").split(" (")[0])
-                          if v)
+        what = " · ".join(str(v) for v in (cfg.get("model_size"), ARCH_LABELS.get(cfg.get("arch"), "")) if v)
         head.markdown(f"**{job.name}**" + (" :material/visibility:" if selected else "")
                       + (f"  \n:small[{what}]" if what else ""))
         badge.markdown(STATE_BADGE.get(job.state, job.state))
@@ -306,7 +307,7 @@ def job_row(job: jobs.Job, selected: bool) -> None:
                 st.code(job.log_tail, language="text")
         elif job.state in ("stopped", "cancelled") and job.message:
             st.caption(job.message)
-        cols = st.columns(4)
+        cols = st.columns([1, 1, 1.8, 1])
         if job.state != "queued" or job.step:
             cols[0].button("Show", key=f"show_{job.name}", icon=":material/monitoring:", disabled=selected,
                            on_click=lambda n=job.name: page_state().update(selected=n), use_container_width=True)
