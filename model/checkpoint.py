@@ -109,6 +109,9 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer: An
         if tokenizer is not None:
             tokenizer.save(tmp)
         (tmp / CARD_FILE).write_text(json.dumps(card or {}, indent=2, default=str) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary, shareable directory
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
             os.replace(directory, old)
