@@ -55,6 +55,9 @@ class CausalLM(nn.Module):
 
     def _positions(self, T: int, cache: ModelCache | None, device) -> torch.Tensor:
         start = cache.length if cache is not None else 0
+        rope = getattr(self, "rope", None)
+        if rope is not None:
+            rope.ensure(start + T)
         return torch.arange(start, start + T, device=device)
 
 

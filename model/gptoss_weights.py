@@ -443,7 +443,7 @@ def load_gpt_oss(path: Path, fmt: str, device: str | torch.device = "cpu", dtype
     model = model.to_empty(device=device)
     from .layers import RotaryEmbedding
 
-    model.rope = RotaryEmbedding(cfg)
+    model.rope = RotaryEmbedding(cfg, device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in plain:  # .to() returns the mapped view itself when dtype and device already match

@@ -7,6 +7,7 @@ hd head dim, E experts, K experts per token, I expert width.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -52,29 +53,39 @@ def yarn_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Half-split (NeoX) rotation; cos/sin are scaled by YaRN's c and cached for all positions up to a limit."""
+    """Half-split (NeoX) rotation. cos/sin (scaled by YaRN's c) are precomputed for the model's whole context, so
+    the forward pass only indexes them: no host sync, nothing grown while several threads generate."""
 
-    def __init__(self, cfg: ModelConfig):
+    SLACK = 256  # positions beyond max_context, for memory slots of the context-aware variant
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
         super().__init__()
-        inv_freq, self.concentration = yarn_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
+        self.inv_freq, self.concentration = yarn_inv_freq(cfg)  # fp32, kept off the module's dtype casts
+        cos, sin = self._build(min(cfg.max_context, 1 << 17) + self.SLACK, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._lock = threading.Lock()
 
-    def _table(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:
-            size = max(n, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256)
-            pos = torch.arange(size, dtype=torch.float32, device=device)
-            ang = pos[:, None] * self.inv_freq.to(device)[None, :]  # [P, hd/2]
-            self._cos = ang.cos() * self.concentration
-            self._sin = ang.sin() * self.concentration
-        return self._cos, self._sin
+    def _build(self, n: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = torch.empty(0, device=device)  # resolves None and an enclosing torch.device(...) context
+        if probe.is_meta:  # a model built on "meta" gets real tables when its weights are loaded
+            return (torch.empty(n, self.inv_freq.numel(), device="meta", dtype=dtype),) * 2
+        pos = torch.arange(n, dtype=torch.float32, device=probe.device)
+        ang = pos[:, None] * self.inv_freq.to(probe.device)[None, :]  # [P, hd/2], fp32
+        return (ang.cos() * self.concentration).to(dtype), (ang.sin() * self.concentration).to(dtype)
+
+    def ensure(self, n: int) -> None:
+        """Make the tables cover positions [0, n) (a Python int: callers know their lengths, no device sync)."""
+        if n > self.cos.shape[0]:
+            with self._lock:
+                if n > self.cos.shape[0]:
+                    self.cos, self.sin = self._build(max(n, 2 * self.cos.shape[0]), self.cos.device,
+                                                     self.cos.dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, H, T, hd], positions [T] (int) -> rotated x, same dtype."""
-        cos_t, sin_t = self._table(int(positions.max()) + 1, x.device)
-        cos = cos_t[positions].to(x.dtype)  # [T, hd/2]
-        sin = sin_t[positions].to(x.dtype)
+        cos = self.cos[positions].to(x.dtype)  # [T, hd/2]
+        sin = self.sin[positions].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -275,11 +286,15 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, C, D] for the experts `expert_ids` (all E in order when None) -> [n, C, D]."""
         w1, b1, w2, b2 = self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias
-        if expert_ids is not None:
-            w1, b1, w2, b2 = w1[expert_ids], b1[expert_ids], w2[expert_ids], b2[expert_ids]
-        h = torch.baddbmm(b1.unsqueeze(1).to(x.dtype), x, w1.transpose(1, 2).to(x.dtype))  # [n, C, 2I]
-        a = swiglu(h, self.limit)
-        return torch.baddbmm(b2.unsqueeze(1).to(x.dtype), a, w2.transpose(1, 2).to(x.dtype))  # [n, C, D]
+        if expert_ids is None:  # every expert: two batched matmuls
+            h = torch.baddbmm(b1.unsqueeze(1).to(x.dtype), x, w1.transpose(1, 2).to(x.dtype))  # [E, C, 2I]
+            return torch.baddbmm(b2.unsqueeze(1).to(x.dtype), swiglu(h, self.limit), w2.transpose(1, 2).to(x.dtype))
+        # a few selected experts (decoding, or a prefill that leaves some idle): views of their weights, no copies
+        out = []
+        for i, e in enumerate(expert_ids.tolist()):
+            h = F.linear(x[i], w1[e].to(x.dtype), b1[e].to(x.dtype))
+            out.append(F.linear(swiglu(h, self.limit), w2[e].to(x.dtype), b2[e].to(x.dtype)))
+        return torch.stack(out)
 
 
 @dataclass
