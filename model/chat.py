@@ -121,9 +121,8 @@ def generator_source(generator: Any) -> TokenSource:
     def run(ids: list[int], params: Any) -> Iterable[int]:
         stream = generator.stream_tokens(ids, params, stop_ids=STOP_IDS)
         yield from stream
-        last = getattr(getattr(stream, "_run", None), "last_stop_id", None)  # the stop id is not yielded
-        if last is not None:
-            yield last
+        if stream.stop_id is not None:  # the stop id itself is not yielded; the harmony parser wants it
+            yield stream.stop_id
 
     return run
 

@@ -427,11 +427,6 @@ class Generator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        rope = getattr(model, "rope", None)
-        if rope is not None and hasattr(rope, "_table"):
-            # Build the RoPE table for the whole context now: it is grown lazily otherwise, and two calls
-            # growing it at the same moment could race.
-            rope._table(int(model.config.max_context) + 1, self.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
