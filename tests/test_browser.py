@@ -124,6 +124,7 @@ def _send(page, text: str) -> None:
 def expect(locator):
     from playwright.sync_api import expect as _expect
 
+    _expect.set_options(timeout=30_000)  # the default 5 s is too short on 2 shared cores under load
     return _expect(locator)
 
 
