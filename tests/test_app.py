@@ -274,7 +274,8 @@ def test_fresh_start_selects_the_default_and_streams_a_reply(story_roots):
     assert at.chat_message[0].markdown[0].value == "Once upon a time"
     reply = replies(at)[0]
     stored = at.session_state["chat"]["messages"][-1]
-    assert stored["content"] and reply.markdown[0].value == stored["content"]
+    # (a random model's text may start with control characters, which markdown rendering drops)
+    assert stored["content"].strip() and reply.markdown[0].value.strip() == stored["content"].strip()
     stats = reply.caption[0].value
     assert f"{stored['stats']['tokens']} tokens" in stats and "tokens/s" in stats and "first token" in stats
     assert f"seed {stored['stats']['seed']}" in stats
