@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.registry import read_json_dict
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOB_FILE = "job.json"
 MAX_JOBS_ENV = "STORYFORGE_MAX_JOBS"
@@ -63,14 +65,6 @@ class JobError(RuntimeError):
 
 
 # ---- small file helpers ---------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -292,7 +286,7 @@ class JobManager:
         jobs = self.list()
         running = sum(1 for j in jobs if j.managed and j.state in (RUNNING, STOPPING))
         queued = sorted((j for j in jobs if j.managed and j.state == QUEUED),
-                        key=lambda j: _read_json(j.dir / JOB_FILE).get("queued_at", j.created))
+                        key=lambda j: read_json_dict(j.dir / JOB_FILE).get("queued_at", j.created))
         started = False
         for job in queued:
             if running >= self.max_running:
@@ -304,7 +298,7 @@ class JobManager:
 
     def _launch(self, name: str) -> None:
         d = self._dir(name)
-        info = _read_json(d / JOB_FILE)
+        info = read_json_dict(d / JOB_FILE)
         resume = bool(info.get("resume"))
         args = [sys.executable, "-u", "-m", "model.train", "--no-progress"]
         if resume:
@@ -341,7 +335,7 @@ class JobManager:
         d = self._dir(name)
         job = self.get(name)
         if job.state == QUEUED:
-            info = _read_json(d / JOB_FILE)
+            info = read_json_dict(d / JOB_FILE)
             had_run = bool(info.get("attempts"))
             info.update(state=STOPPED if had_run else CANCELLED, cancelled=time.time())
             _write_json_atomic(d / JOB_FILE, info)
@@ -350,7 +344,7 @@ class JobManager:
             (d / "STOP").touch()
             if job.state == RUNNING:
                 if job.managed:
-                    info = _read_json(d / JOB_FILE)
+                    info = read_json_dict(d / JOB_FILE)
                     info["stop_requested"] = time.time()
                     _write_json_atomic(d / JOB_FILE, info)
                 if job.managed:
@@ -373,7 +367,7 @@ class JobManager:
         return self.get(name)
 
     def _escalate(self, job: Job) -> None:
-        info = _read_json(job.dir / JOB_FILE)
+        info = read_json_dict(job.dir / JOB_FILE)
         asked = info.get("stop_requested")
         if not asked or not job.pid:
             return
@@ -402,7 +396,7 @@ class JobManager:
             raise JobError(f"{name} has no checkpoint to resume from (it stopped before saving one): start a "
                            "new run instead")
         d = self._dir(name)
-        info = _read_json(d / JOB_FILE) or {"name": name, "created": job.created, "args": [], "attempts": [],
+        info = read_json_dict(d / JOB_FILE) or {"name": name, "created": job.created, "args": [], "attempts": [],
                                             "adopted": True}
         info.update(state=QUEUED, resume=True, queued_at=time.time(), stop_requested=None, sigterm_sent=None,
                     resume_args=["--max_iters", str(max_iters)] if max_iters else [])
@@ -418,7 +412,7 @@ class JobManager:
 
     # ---- stopped runs get a chat-able checkpoint ---------------------------------------------------------
     def _final_is_stale(self, job: Job) -> bool:
-        card = _read_json(job.dir / "final" / "card.json")
+        card = read_json_dict(job.dir / "final" / "card.json")
         return not job.has_final or int(card.get("steps", -1)) != job.step
 
     def export_final(self, name: str, timeout: float = 300) -> bool:
@@ -426,7 +420,7 @@ class JobManager:
         with the job's environment (it finds the run's tokenizer the way the trainer did). True on success;
         a failure is noted in job.json and the run stays resumable."""
         d = self._dir(name)
-        info = _read_json(d / JOB_FILE)
+        info = read_json_dict(d / JOB_FILE)
         env = {**os.environ}
         for key, value in {**self.env, **info.get("env", {})}.items():
             if value is None:
@@ -450,9 +444,9 @@ class JobManager:
     def _snapshot(self, d: Path) -> Job:
         from model.train import find_resume_checkpoint
 
-        info = _read_json(d / JOB_FILE)
-        status = _read_json(d / "status.json")
-        config = _read_json(d / "config.json").get("train", {})
+        info = read_json_dict(d / JOB_FILE)
+        status = read_json_dict(d / "status.json")
+        config = read_json_dict(d / "config.json").get("train", {})
         metrics = read_jsonl(d / "metrics.jsonl")
         last_train = next((m for m in reversed(metrics) if "loss" in m), {})
         managed = bool(info)
@@ -551,7 +545,7 @@ def measured_tokens_per_s(root: Path, model_size: str, arch: str) -> float | Non
     if not root.is_dir():
         return None
     for d in root.iterdir():
-        cfg = _read_json(d / "config.json").get("train", {})
+        cfg = read_json_dict(d / "config.json").get("train", {})
         if cfg.get("model_size") != model_size or cfg.get("arch") != arch or cfg.get("model_overrides"):
             continue
         recs = [m["tokens_per_s"] for m in read_jsonl(d / "metrics.jsonl") if m.get("tokens_per_s")]
@@ -601,10 +595,10 @@ def _export_main(run_dir: Path) -> None:
     ckpt = find_resume_checkpoint(run_dir)
     if ckpt is None:
         raise SystemExit(f"{run_dir} has no complete checkpoint in ckpt/")
-    saved = _read_json(run_dir / "config.json")
+    saved = read_json_dict(run_dir / "config.json")
     cfg = TrainConfig.from_dict(saved["train"])
     tokenizer = resolve_tokenizer(cfg, data.resolve_data_source(cfg.data, "train"), log=lambda _m: None)
-    status = _read_json(run_dir / "status.json")
+    status = read_json_dict(run_dir / "status.json")
     from model.config import ModelConfig, parameter_counts
 
     counts = parameter_counts(ModelConfig.from_json(ckpt / "config.json"))

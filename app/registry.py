@@ -185,7 +185,8 @@ def default_model_id(entries: list[ModelEntry]) -> str | None:
 
 
 # ---- entry builders -----------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_dict(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or {} when the file is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -207,7 +208,7 @@ def _dir_size(path: Path) -> int:
 def _checkpoint_kind(path: Path, card: dict[str, Any]) -> str:
     if card.get("kind") in (STORY, HARMONY):
         return card["kind"]
-    info = _read_json(path / "tokenizer_info.json")
+    info = read_json_dict(path / "tokenizer_info.json")
     return HARMONY if info.get("encoding") == "o200k_harmony" else STORY
 
 
@@ -217,7 +218,7 @@ def _kv_cache_bytes(cfg: ModelConfig, context: int, bytes_per_value: int) -> int
 
 def _checkpoint_entry(model_id: str, name: str, path: Path, source: str) -> ModelEntry:
     """An entry for a directory in our checkpoint format (listed as unavailable when it is broken)."""
-    card = _read_json(path / "card.json")
+    card = read_json_dict(path / "card.json")
     kind = _checkpoint_kind(path, card)
     display = str(card.get("name") or name)
     try:
@@ -266,7 +267,7 @@ def _gpt_oss_entry(name: str, path: Path) -> ModelEntry:
         params_total=counts["total"], params_active=counts["active"],
         size_bytes=_dir_size(path) if path.exists() else None, memory_bytes=gpt_oss_memory_bytes(name),
         context_length=131072, source="OpenAI, Hugging Face Hub openai/" + name,
-        description=_GPT_OSS_INFO[name], problem=problem, card=_read_json(marker) if available else {})
+        description=_GPT_OSS_INFO[name], problem=problem, card=read_json_dict(marker) if available else {})
 
 
 def describe_card(card: dict[str, Any]) -> str:
