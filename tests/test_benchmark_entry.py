@@ -5,7 +5,7 @@ import pytest
 from model.benchmark import SCRIPTS, main
 
 
-@pytest.mark.parametrize("name", sorted(set(SCRIPTS) - {"compare"}))
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_each_benchmark_answers_help(name, capsys):
     with pytest.raises(SystemExit) as e:
         main([name, "--help"])
