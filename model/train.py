@@ -148,6 +148,9 @@ class TrainConfig:
         cfg = gpt2_matched(base) if arch == "gpt2" else base
         extra = {**cfg.extra, "preset": size}
         over = dict(self.model_overrides)
+        extra.update(over.pop("extra", None) or {})  # labels given by the caller (e.g. {"match": "active"})
+        if over:  # the preset's label no longer describes the model alone: say what was changed
+            extra["overrides"] = sorted(over)
         if self.aux_loss_coef is not None:
             over["aux_loss_coef"] = self.aux_loss_coef
         if self.mtp_heads:

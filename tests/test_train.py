@@ -409,3 +409,15 @@ def test_toy_preset_on_tinystories_val_loss_clearly_falls(tmp_path):
     assert val[1][1] < val[0][1] - 1.5 and val[2][1] < val[1][1] - 0.1 and val[2][1] < val[0][1] - 3.0, val
     card = json.loads((out / "final" / "card.json").read_text())
     assert card["size"] == "toy" and card["final_val_loss"] == pytest.approx(val[-1][1], abs=1e-4)
+
+
+def test_model_overrides_are_recorded_in_the_model_label():
+    """A preset's label must not claim more than it knows once shapes were overridden (e.g. the study's GPT-2s)."""
+    from model.train import TrainConfig
+
+    cfg = TrainConfig(model_size="toy", arch="gpt2",
+                      model_overrides={"hidden_size": 64, "extra": {"match": "active"}}).model_config(4096)
+    assert cfg.hidden_size == 64
+    assert cfg.extra["match"] == "active" and cfg.extra["overrides"] == ["hidden_size"]
+    plain = TrainConfig(model_size="toy").model_config(4096)
+    assert "overrides" not in plain.extra
