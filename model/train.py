@@ -629,6 +629,12 @@ class Trainer:
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule is a function of the step and this run's config: a resume that changes --lr or --max_iters
+        # follows the new values instead of the peak lr stored with the old scheduler.
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["lr"] = lr_at(int(state["step"]), self.cfg)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.elapsed_before = float(state["elapsed"])
         gens = state["data_generator"]

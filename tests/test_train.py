@@ -421,3 +421,19 @@ def test_model_overrides_are_recorded_in_the_model_label():
     assert cfg.extra["match"] == "active" and cfg.extra["overrides"] == ["hidden_size"]
     plain = TrainConfig(model_size="toy").model_config(4096)
     assert "overrides" not in plain.extra
+
+
+def test_resume_with_new_lr_and_length_follows_the_new_schedule(tiny_data, cache_dir, tmp_path):
+    """--resume --lr X --max_iters N continues on the schedule of X and N (the restored scheduler kept the old peak)."""
+    out = tmp_path / "run"
+    assert T.Trainer(tiny_cfg(tiny_data, cache_dir, out, max_iters=4, eval_interval=100)).run() == "finished"
+    lrs: list = []
+    cfg = T.config_from_args(T.build_parser().parse_args(
+        ["--resume", "--out", str(out), "--max_iters", "8", "--lr", "1e-3"]))
+    assert cfg.lr == 1e-3 and cfg.max_iters == 8
+    tr = T.Trainer(cfg, resume=True, on_step=lambda t, s, info: lrs.append((s, info["lr"])))
+    assert tr.run() == "finished"
+    assert [s for s, _ in lrs] == [5, 6, 7, 8]
+    for s, lr in lrs:  # the lr used at step s is the new schedule's, with peak 1e-3
+        assert lr == pytest.approx(T.lr_at(s - 1, cfg), rel=1e-6), s
+    assert max(lr for _, lr in lrs) <= 1e-3
