@@ -66,7 +66,7 @@ def render_readme(card: dict[str, Any], path: Path) -> str:
     tc = card.get("train_config", {})
     hours = card.get("wall_time_s", 0) / 3600
     lines = [
-        f"# {path.name}: a GPT-OSS-architecture story model",
+        f"# {card.get('name', path.name)}: a GPT-OSS-architecture story model",
         "",
         "Written by `python -m model.card` from the checkpoint itself; rerun it to check every number.",
         "",
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--test", type=Path, default=data_dir / "test.txt")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--max-docs", type=int, default=None, help="score only the first N stories (quick checks)")
+    ap.add_argument("--name", help="display name for the card (the app's model list shows it)")
     ap.add_argument("--dry-run", action="store_true", help="print the card, write nothing")
     args = ap.parse_args(argv)
     for f in (args.valid, args.test):
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{f} not found: pass --valid/--test or set STORYFORGE_DATA_DIR to the folder with "
                              "valid.txt and test.txt")
     card = build_card(args.model, args.valid, args.test, args.seed, args.max_docs)
+    if args.name:
+        card["name"] = args.name
     readme = render_readme(card, args.model)
     if args.dry_run:
         print(readme)

@@ -14,7 +14,9 @@ def test_card_recomputes_numbers_and_writes_readme(tmp_path, story_tokenizer):
     stories = "Lily had a red ball.\n<|endoftext|>\nTom saw a big dog.\n<|endoftext|>\n"
     (tmp_path / "valid.txt").write_text(stories)
     (tmp_path / "test.txt").write_text(stories * 2)
-    card = main([str(ckpt), "--valid", str(tmp_path / "valid.txt"), "--test", str(tmp_path / "test.txt")])
+    card = main([str(ckpt), "--valid", str(tmp_path / "valid.txt"), "--test", str(tmp_path / "test.txt"),
+                 "--name", "Tiny tale teller"])
+    assert card["name"] == "Tiny tale teller"
     saved = json.loads((ckpt / "card.json").read_text())
     assert saved == card
     assert card["steps"] == 7 and card["tokens_seen"] == 700  # training facts carried over
@@ -22,7 +24,7 @@ def test_card_recomputes_numbers_and_writes_readme(tmp_path, story_tokenizer):
     assert 0 < card["test_bits_per_byte"] < 20 and card["params_total"] > card["params_active"] > 0
     assert len(card["samples"]) == 3 and all(s["continuation"] for s in card["samples"])
     readme = (ckpt / "README.md").read_text()
-    assert str(card["test_bits_per_byte"]) in readme and "Lily" in readme
+    assert str(card["test_bits_per_byte"]) in readme and "Lily" in readme and readme.startswith("# Tiny tale teller")
 
 
 def test_card_reports_missing_data_clearly(tmp_path, story_tokenizer):
