@@ -219,6 +219,14 @@ def make_scheduler(optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
 
 
+def wrap_ddp(model, device):
+    """DistributedDataParallel around `model`. No `find_unused_parameters`: an MoE expert that gets no tokens on a
+    rank is a slice of its layer's single expert tensor, which still receives a (zero) gradient there."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def unwrap(model):
     """The plain module under DistributedDataParallel and torch.compile wrappers."""
     inner = getattr(model, "module", model)
@@ -570,9 +578,7 @@ class Trainer:
 
         fwd = self.model
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            fwd = wrap_ddp(fwd, self.device)
         if self.cfg.compile:
             fwd = torch.compile(fwd)
         return fwd

@@ -395,6 +395,33 @@ def test_ddp_two_gloo_processes_match_one_process_on_combined_batch(tmp_path):
     assert moved > 10  # the step really changed the weights
 
 
+def _ddp_idle_expert_worker(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.preset("toy", vocab_size=64).replace(**TINY_MODEL, max_context=32))
+        with torch.no_grad():
+            for blk in model.block:  # expert 0 is never routed to: its weights get no gradient
+                blk.mlp.gate.bias[0] = -1e4
+        ddp = T.wrap_ddp(model, torch.device("cpu"))
+        opt = T.make_optimizer(model, T.TrainConfig(lr=1e-2))
+        x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(rank))
+        for _ in range(3):  # DDP reports parameters left without gradient at the following step
+            T.train_step(ddp, opt, [(x[:, :-1], x[:, 1:])], aux_coef=0.0, grad_clip=1.0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_an_moe_whose_expert_got_no_tokens(tmp_path):
+    """Guards the experts' layout: were they separate parameters, an idle expert would break DDP's reduction."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_idle_expert_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
 # ---- the real thing -----------------------------------------------------------------------------------------
 def test_toy_preset_on_tinystories_val_loss_clearly_falls(tmp_path):
     out = tmp_path / "toy"
