@@ -122,7 +122,11 @@ class LayerKVCache:
         attend over (old cached ones plus the new ones) and store the new ones."""
         T = k.shape[2]
         if self.window:
-            if self.filled:
+            if self.filled == self.window:  # a full ring: every slot holds a key, no gather needed
+                k_all = torch.cat([self.k, k], dim=2)
+                v_all = torch.cat([self.v, v], dim=2)
+                p_all = torch.cat([self.pos, positions])
+            elif self.filled:
                 valid = self.pos >= 0
                 k_all = torch.cat([self.k[:, :, valid], k], dim=2)
                 v_all = torch.cat([self.v[:, :, valid], v], dim=2)
@@ -331,7 +335,8 @@ class MLPBlock(nn.Module):
         top_vals, top_idx = torch.topk(logits, self.k, dim=-1, sorted=True)  # [N, K]
         weights = torch.softmax(top_vals.float(), dim=-1)  # [N, K]
         y = self._dispatch(t, top_idx, weights)
-        self.stats = self._routing_stats(logits, top_idx)
+        # load-balancing loss and expert counts are for training; inference skips their cost
+        self.stats = self._routing_stats(logits, top_idx) if self.training else None
         return x + y.view(B, T, D).to(x.dtype)
 
     def _dispatch(self, t: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
