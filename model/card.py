@@ -21,8 +21,8 @@ PROMPTS = (
 )
 SAMPLE_SETTINGS = {"temperature": 0.7, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1,
                    "max_new_tokens": 160}
-TRAINING_KEYS = ("name", "arch", "size", "tokenizer", "vocab_size", "data", "train_source", "steps", "tokens_seen",
-                 "hardware", "world_size", "torch", "wall_time_s", "train_config")
+TRAINING_KEYS = ("name", "note", "arch", "size", "tokenizer", "vocab_size", "data", "train_source", "steps",
+                 "tokens_seen", "hardware", "world_size", "torch", "wall_time_s", "train_config")
 
 
 def build_card(path: Path, valid: Path, test: Path, seed: int = 1234, max_docs: int | None = None) -> dict[str, Any]:
@@ -88,6 +88,7 @@ def render_readme(card: dict[str, Any], path: Path) -> str:
         f"({card['test_documents']} stories); llama2.c's stories260K scores 0.922 there |",
         f"| checkpoint size | {card['checkpoint_bytes'] / 1e6:.1f} MB |",
         "",
+        *([card["note"], ""] if card.get("note") else []),
         "## Samples",
         "",
         "Settings: " + ", ".join(f"{k} {v}" for k, v in card["sample_settings"].items()) + "; seeds as shown.",
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--max-docs", type=int, default=None, help="score only the first N stories (quick checks)")
     ap.add_argument("--name", help="display name for the card (the app's model list shows it)")
+    ap.add_argument("--note", help="a sentence about how it was trained (shown under the table)")
     ap.add_argument("--dry-run", action="store_true", help="print the card, write nothing")
     args = ap.parse_args(argv)
     for f in (args.valid, args.test):
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     card = build_card(args.model, args.valid, args.test, args.seed, args.max_docs)
     if args.name:
         card["name"] = args.name
+    if args.note:
+        card["note"] = args.note
     readme = render_readme(card, args.model)
     if args.dry_run:
         print(readme)

@@ -15,7 +15,7 @@ def test_card_recomputes_numbers_and_writes_readme(tmp_path, story_tokenizer):
     (tmp_path / "valid.txt").write_text(stories)
     (tmp_path / "test.txt").write_text(stories * 2)
     card = main([str(ckpt), "--valid", str(tmp_path / "valid.txt"), "--test", str(tmp_path / "test.txt"),
-                 "--name", "Tiny tale teller"])
+                 "--name", "Tiny tale teller", "--note", "Trained in two legs."])
     assert card["name"] == "Tiny tale teller"
     saved = json.loads((ckpt / "card.json").read_text())
     assert saved == card
@@ -25,6 +25,7 @@ def test_card_recomputes_numbers_and_writes_readme(tmp_path, story_tokenizer):
     assert len(card["samples"]) == 3 and all(s["continuation"] for s in card["samples"])
     readme = (ckpt / "README.md").read_text()
     assert str(card["test_bits_per_byte"]) in readme and "Lily" in readme and readme.startswith("# Tiny tale teller")
+    assert "Trained in two legs." in readme and card["note"] == "Trained in two legs."
 
 
 def test_card_reports_missing_data_clearly(tmp_path, story_tokenizer):
