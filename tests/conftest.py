@@ -33,6 +33,20 @@ def build_tiny_checkpoint(directory: Path, tokenizer, card: dict | None = None, 
     return save_checkpoint(model, directory, tokenizer, card or {"description": "tiny test model"})
 
 
+def never_end(ckpt: Path, eos_id: int) -> Path:
+    """Make a random model's replies run to their token budget: EOS gets logit 0 while the other logits are spread
+    50x wider, so EOS never makes a top-k of 50 nor wins greedy decoding (a reply a test means to stop, continue or
+    count could otherwise end by itself at a random first token)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    w = tensors["unembedding.weight"] * 50
+    w[eos_id] = 0
+    tensors["unembedding.weight"] = w
+    save_file(tensors, ckpt / "model.safetensors")
+    return ckpt
+
+
 @pytest.fixture(scope="session")
 def story_tokenizer(tmp_path_factory):
     """A 320-piece SentencePiece tokenizer trained in a fraction of a second on a repeated tiny story."""
@@ -45,9 +59,10 @@ def story_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_story_checkpoint(tmp_path_factory, story_tokenizer) -> Path:
-    """A tiny story model (random weights, ~30K parameters) in our checkpoint format."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "story", story_tokenizer,
+    """A tiny story model (random weights, ~30K parameters, never ends by itself) in our checkpoint format."""
+    ckpt = build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "story", story_tokenizer,
                                  max_context=512, card={"description": "tiny story test model", "preset": "test"})
+    return never_end(ckpt, story_tokenizer.eos_id)
 
 
 @pytest.fixture(scope="session")
