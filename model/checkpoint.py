@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,29 +33,18 @@ class CheckpointError(ValueError):
 
 
 # ---- safetensors reading with validation --------------------------------------------------------------------
-def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
-    """The tensor table of a safetensors file, after checking the file is as long as the header says."""
+def read_safetensors_header(path: Path):
+    """The header of a safetensors file (`model.hub.SafetensorsHeader`: tensor table, where the data starts), after
+    `model.hub`'s checks (byte ranges, overlaps, exact file length), as a CheckpointError naming the file."""
+    from .hub import read_safetensors_header as parse
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"missing weights file {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path} is truncated: the header describes {8 + n + end} bytes, the file has {size}. "
-                              "Re-download or re-save the checkpoint.")
-    return header
+    try:
+        return parse(path)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}. Re-download or re-save the checkpoint.") from None
 
 
 def open_tensors(path: Path) -> dict[str, torch.Tensor]:

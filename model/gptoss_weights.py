@@ -73,9 +73,9 @@ class MappedSafetensors:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.header = read_safetensors_header(self.path)
+        parsed = read_safetensors_header(self.path)
+        self.header, self._start = parsed.tensors, parsed.data_start
         with open(self.path, "rb") as f:
-            self._start = 8 + int.from_bytes(f.read(8), "little")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
     def keys(self):
