@@ -274,10 +274,11 @@ def swiglu(h: torch.Tensor, limit: float, alpha: float = 1.702) -> torch.Tensor:
 
 
 class Experts(nn.Module):
-    """E experts' weights in the original layout (out x in), applied to tokens grouped by expert.
+    """E experts' weights in the original layout (out x in), each applied only to the tokens routed to it.
 
-    `forward(x, counts)`: x [E, C, D] holds up to C tokens per expert (zero padded); one batched matmul per
-    projection serves every expert."""
+    `grouped(x, counts)` is the MoE's path: tokens sorted by expert, each expert on exactly its rows.
+    `forward(x [n, C, D], expert_ids)` is the call `PackedExperts` shares: row block i of x goes through expert
+    expert_ids[i] (all E in order when None)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -289,13 +290,8 @@ class Experts(nn.Module):
         self.mlp2_bias = nn.Parameter(torch.zeros(E, D))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [n, C, D] for the experts `expert_ids` (all E in order when None) -> [n, C, D]."""
-        w1, b1, w2, b2 = self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias
-        if expert_ids is None:  # every expert: two batched matmuls
-            h = torch.baddbmm(b1.unsqueeze(1).to(x.dtype), x, w1.transpose(1, 2).to(x.dtype))  # [E, C, 2I]
-            return torch.baddbmm(b2.unsqueeze(1).to(x.dtype), swiglu(h, self.limit), w2.transpose(1, 2).to(x.dtype))
-        # a few selected experts (decoding, or a prefill that leaves some idle): views of their weights, no copies
-        return self._run_each(x, expert_ids.tolist())
+        ids = range(x.shape[0]) if expert_ids is None else expert_ids.tolist()
+        return torch.stack([self._one(x[i], e) for i, e in enumerate(ids)])  # views of the weights, no copies
 
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [N, D] sorted by expert, counts[e] rows for expert e -> [N, D]: each expert on exactly its rows
@@ -306,9 +302,6 @@ class Experts(nn.Module):
     def _one(self, x: torch.Tensor, e: int) -> torch.Tensor:
         h = F.linear(x, self.mlp1_weight[e].to(x.dtype), self.mlp1_bias[e].to(x.dtype))
         return F.linear(swiglu(h, self.limit), self.mlp2_weight[e].to(x.dtype), self.mlp2_bias[e].to(x.dtype))
-
-    def _run_each(self, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        return torch.stack([self._one(x[i], e) for i, e in enumerate(ids)])
 
 
 @dataclass
