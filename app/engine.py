@@ -243,6 +243,8 @@ class _Reply:
         self.loaded = loaded
         self.cancel = cancel if cancel is not None else threading.Event()
         self.stats: ReplyStats | None = None
+        self._stream: Any = None  # the generator's stream, once the first piece is asked for
+        self._trimmed = False  # the prompt was cut from the left to fit the context
         self._locked = False
         self._done = False
 
@@ -265,6 +267,22 @@ class _Reply:
     def __iter__(self):
         return self
 
+    def close(self) -> None:
+        """Stop (if still running), record the stats, free the model for the next reply."""
+        if self._done and self.stats is not None:
+            return
+        self._done = True
+        try:
+            if self._stream is not None:
+                self._stream.close()
+                if self._stream.result is not None:
+                    self.stats = self._stats(self._stream.result)
+        finally:
+            self._release_lock()
+
+    def _stats(self, result: Any) -> ReplyStats:
+        return ReplyStats.from_result(result, context_trimmed=self._trimmed)
+
     def __del__(self) -> None:  # a reply dropped without close() must not keep the model locked
         self._release_lock()
 
@@ -278,8 +296,6 @@ class StoryReply(_Reply):
         self.story = story
         self.params = params
         self.pieces: list[str] = []
-        self._stream: Any = None
-        self._trimmed = False
 
     @property
     def text(self) -> str:
@@ -302,27 +318,11 @@ class StoryReply(_Reply):
             if self._stream is None:
                 self._stream = generator.stream(self.prompt_ids(generator), self.params, cancel=self.cancel)
             piece = next(self._stream)
-        except StopIteration:
-            self.close()
-            raise
-        except BaseException:
+        except BaseException:  # the end of the stream (StopIteration) included
             self.close()
             raise
         self.pieces.append(piece)
         return piece
-
-    def close(self) -> None:
-        """Stop (if still running), record the stats, free the model for the next reply."""
-        if self._done and self.stats is not None:
-            return
-        self._done = True
-        try:
-            if self._stream is not None:
-                self._stream.close()
-                if self._stream.result is not None:
-                    self.stats = ReplyStats.from_result(self._stream.result, context_trimmed=self._trimmed)
-        finally:
-            self._release_lock()
 
 
 def harmony_messages(history: Sequence[dict[str, Any]]) -> list[Message]:
@@ -349,10 +349,8 @@ class HarmonyReply(_Reply):
         self.reasoning_parts: list[str] = []
         self.answer_parts: list[str] = []
         self.loose_parts: list[str] = []
-        self._stream: Any = None
         self._parser: HarmonyStreamParser | None = None
         self._queue: list[tuple[str | None, str]] = []
-        self._trimmed = False
         self._stop_reason: str | None = None
 
     @property
@@ -430,21 +428,11 @@ class HarmonyReply(_Reply):
     def final(self) -> Message | None:
         return final_message(self.messages)
 
-    def close(self) -> None:
-        if self._done and self.stats is not None:
-            return
-        self._done = True
-        try:
-            if self._stream is not None:
-                self._stream.close()
-                if self._stream.result is not None:
-                    reason = None
-                    if self._stream.result.stop_reason == "eos":  # <|return|>, <|call|> or <|endoftext|>
-                        reason = self._stop_reason or ("return" if self.answer_parts else "endoftext")
-                    self.stats = ReplyStats.from_result(self._stream.result, stop_reason=reason,
-                                                        context_trimmed=self._trimmed)
-        finally:
-            self._release_lock()
+    def _stats(self, result: Any) -> ReplyStats:
+        reason = None
+        if result.stop_reason == "eos":  # <|return|>, <|call|> or <|endoftext|>
+            reason = self._stop_reason or ("return" if self.answer_parts else "endoftext")
+        return ReplyStats.from_result(result, stop_reason=reason, context_trimmed=self._trimmed)
 
 
 # ---- stories -----------------------------------------------------------------------------------------------
