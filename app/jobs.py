@@ -34,7 +34,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -599,6 +598,7 @@ def _export_main(run_dir: Path) -> None:
     cfg = TrainConfig.from_dict(saved["train"])
     tokenizer = resolve_tokenizer(cfg, data.resolve_data_source(cfg.data, "train"), log=lambda _m: None)
     status = read_json_dict(run_dir / "status.json")
+    from model.checkpoint import write_directory_atomically
     from model.config import ModelConfig, parameter_counts
 
     counts = parameter_counts(ModelConfig.from_json(ckpt / "config.json"))
@@ -608,24 +608,13 @@ def _export_main(run_dir: Path) -> None:
             "tokens_seen": status.get("tokens_seen"), "final_val_loss": status.get("last_val_loss"),
             "description": f"stopped at step {status.get('step')} of {cfg.max_iters}", "train_config": cfg.to_dict(),
             "exported_from": "ckpt", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = Path(tempfile.mkdtemp(prefix=".final.tmp-", dir=run_dir))
-    try:
+    def fill(tmp: Path) -> None:
         shutil.copyfile(ckpt / "model.safetensors", tmp / "model.safetensors")
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")
         tokenizer.save(tmp)
         (tmp / "card.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
-        final = run_dir / "final"
-        if final.exists():
-            old = run_dir / f".final.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
+    write_directory_atomically(run_dir / "final", fill)
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "export":

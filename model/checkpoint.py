@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,24 +81,16 @@ def _strict_load(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 
 # ---- our format ---------------------------------------------------------------------------------------------
-def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer: Any | None = None,
-                    card: dict[str, Any] | None = None) -> Path:
-    """Write model (+ tokenizer, card) as our checkpoint directory, atomically (temp dir, then rename)."""
-    from safetensors.torch import save_file
-
+def write_directory_atomically(directory: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create `directory` by calling `fill(tmp)` on a temporary sibling, then swapping it into place (an existing
+    directory is replaced only once the new one is complete). A crash leaves the old directory or nothing, never
+    a half-written one; the result is world-readable like any ordinary directory."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "storyforge"})
-        model.config.to_json(tmp / CONFIG_FILE)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        (tmp / CARD_FILE).write_text(json.dumps(card or {}, indent=2, default=str) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary, shareable directory
+        fill(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
         if directory.exists():
@@ -111,6 +104,24 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer: An
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer: Any | None = None,
+                    card: dict[str, Any] | None = None) -> Path:
+    """Write model (+ tokenizer, card) as our checkpoint directory, atomically (temp dir, then rename)."""
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path) -> None:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "storyforge"})
+        model.config.to_json(tmp / CONFIG_FILE)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        (tmp / CARD_FILE).write_text(json.dumps(card or {}, indent=2, default=str) + "\n")
+
+    return write_directory_atomically(directory, fill)
 
 
 def detect_format(path: str | Path) -> str:
