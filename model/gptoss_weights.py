@@ -463,10 +463,12 @@ def load_gpt_oss(path: Path, fmt: str, device: str | torch.device = "cpu", dtype
                     plain[f"block.{i}.mlp.experts.mlp2_bias"], cache, dtype, device)
                 continue
             ex = blk.mlp.experts
-            w1 = dequantize_mxfp4(m1[1], m1[2], dtype) if m1[0] == "packed" else m1[1].to(dtype)
-            w2 = dequantize_mxfp4(m2[1], m2[2], dtype) if m2[0] == "packed" else m2[1].to(dtype)
-            ex.mlp1_weight.data = w1.to(device).contiguous()
-            ex.mlp2_weight.data = w2.to(device).contiguous()
+            # Decode where the weights will live: on a GPU only the packed bytes cross the bus, and the
+            # gathers run there (on CPU `.to(device)` is the memory-mapped view itself, no copy).
+            w1 = dequantize_mxfp4(m1[1].to(device), m1[2].to(device), dtype) if m1[0] == "packed" else m1[1]
+            w2 = dequantize_mxfp4(m2[1].to(device), m2[2].to(device), dtype) if m2[0] == "packed" else m2[1]
+            ex.mlp1_weight.data = w1.to(device=device, dtype=dtype).contiguous()
+            ex.mlp2_weight.data = w2.to(device=device, dtype=dtype).contiguous()
     model.expert_cache = cache
     model.config.extra["checkpoint_path"] = str(path)
     return model.eval()
