@@ -218,6 +218,12 @@ class DecodedExpertCache:
                 self.hits += 1
             return item
 
+    def clear(self) -> None:
+        """Drop every decoded expert (their device changed: `PackedExperts` moved with `Module.to`)."""
+        with self._lock:
+            self._items.clear()
+            self.used = 0
+
     def stats(self) -> dict:
         return {"budget_bytes": self.budget, "used_bytes": self.used, "entries": len(self._items),
                 "hits": self.hits, "misses": self.misses, "kernel_calls": self.kernel_calls}
@@ -254,6 +260,20 @@ class PackedExperts(nn.Module):
         self.cache = cache
         self._bias_f32: tuple[torch.Tensor, torch.Tensor] | None = None
         self.use_kernel = on_cpu  # the kernel is looked up (and built) on first use
+
+    def _apply(self, fn, recurse=True):
+        """`Module.to/.cuda/.cpu` also move the packed bytes (plain attributes, kept out of the state dict), so a
+        model loaded on one device and moved to another does not mix devices in `_matmul`. Decoded experts
+        cached on the old device are dropped."""
+        super()._apply(fn, recurse)
+        packed = (self.mlp1_blocks, self.mlp1_scales, self.mlp2_blocks, self.mlp2_scales)
+        self.mlp1_blocks, self.mlp1_scales, self.mlp2_blocks, self.mlp2_scales = (fn(t) for t in packed)
+        self._bias_f32 = None
+        dev = self.mlp1_bias.device
+        if dev != self.dev:
+            self.dev, self.use_kernel = dev, dev.type == "cpu"
+            self.cache.clear()
+        return self
 
     def _decode(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         def make():
@@ -370,8 +390,9 @@ def estimate_load_memory(path: str | Path, fmt: str, expert_cache_bytes: int | N
     return dense + packed + (cache if packed else 0) + RUNTIME_OVERHEAD_BYTES
 
 
-def check_memory(needed: int, expert_cache_bytes: int, available: int | None = None) -> None:
-    """Raise InsufficientMemoryError when `needed` bytes exceed available RAM (psutil's `available`)."""
+def check_memory(needed: int, expert_cache_bytes: int, available: int | None = None, where: str = "RAM") -> None:
+    """Raise InsufficientMemoryError when `needed` bytes exceed `available` (default: available RAM, psutil's
+    `available`; `where` names the memory in the message, e.g. "GPU memory")."""
     if os.environ.get(SKIP_CHECK_ENV, "").lower() in ("1", "true", "yes"):
         return
     if available is None:
@@ -380,7 +401,7 @@ def check_memory(needed: int, expert_cache_bytes: int, available: int | None = N
         available = psutil.virtual_memory().available
     if needed > available:
         raise InsufficientMemoryError(
-            f"loading this model needs ~{needed / GiB:.1f} GiB of RAM, {available / GiB:.1f} GiB available "
+            f"loading this model needs ~{needed / GiB:.1f} GiB of {where}, {available / GiB:.1f} GiB available "
             f"(the decoded-expert cache is {expert_cache_bytes / GiB:.1f} GiB of that); close other programs "
             f"or lower --expert-cache-gb / ${CACHE_ENV}. Set {SKIP_CHECK_ENV}=1 to load anyway.")
 
@@ -394,7 +415,8 @@ def load_gpt_oss(path: Path, fmt: str, device: str | torch.device = "cpu", dtype
     LRU of decoded experts (`expert_cache_bytes`; default $STORYFORGE_EXPERT_CACHE_GB or 2 GiB); "auto" picks
     packed when the decoded experts would not fit comfortably in available memory. Before anything big is read,
     the memory the model will need (`estimate_load_memory`) is compared with available RAM on CPU and
-    InsufficientMemoryError is raised when it does not fit (`check_available_memory=False` or
+    InsufficientMemoryError is raised when it does not fit (on CUDA: against free GPU memory, where the
+    weights, packed experts and decoded-expert cache live; `check_available_memory=False` or
     $STORYFORGE_SKIP_MEMORY_CHECK=1 skips that)."""
     from .gptoss import Transformer
 
@@ -425,8 +447,11 @@ def load_gpt_oss(path: Path, fmt: str, device: str | torch.device = "cpu", dtype
                 free = psutil.virtual_memory().available
             if decoded > 0.5 * free:
                 experts = "packed"
-    if check_available_memory and device.type == "cpu":
-        check_memory(estimate_load_memory(path, fmt, cache_bytes, experts, dtype), cache_bytes)
+    if check_available_memory and device.type in ("cpu", "cuda"):
+        on_gpu = device.type == "cuda"
+        check_memory(estimate_load_memory(path, fmt, cache_bytes, experts, dtype), cache_bytes,
+                     available=torch.cuda.mem_get_info(device)[0] if on_gpu else None,
+                     where="GPU memory" if on_gpu else "RAM")
     plain = src.plain()
     cache = DecodedExpertCache(cache_bytes)
 
@@ -440,7 +465,10 @@ def load_gpt_oss(path: Path, fmt: str, device: str | torch.device = "cpu", dtype
         if tuple(t.shape) != tuple(state[k].shape):
             raise CheckpointError(f"{path}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(state[k].shape)}")
 
-    model = model.to_empty(device=device)
+    # Every parameter is replaced below, so the empty tensors are never touched. On a GPU they are staged on the
+    # CPU (virtual memory only): to_empty on the GPU would allocate the whole model in fp32 there, dense experts
+    # included (~84 GB for gpt-oss-20b), and run out of memory before a single weight is read.
+    model = model.to_empty(device=device if device.type in ("cpu", "meta") else torch.device("cpu"))
     from .layers import RotaryEmbedding
 
     model.rope = RotaryEmbedding(cfg, device=device)

@@ -254,7 +254,10 @@ class AttentionBlock(nn.Module):
         v = qkv[..., q_len + kv_len:].view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = rope(q, positions), rope(k, positions)
         if cache is None:
-            mask = _training_mask(T, self.window, x.device) if int(positions[0]) == 0 else \
+            # Off the CPU, reading positions[0] would be a host sync in every layer of every training step;
+            # the mask built from the positions is the same one (the cached mask is that of arange(T)).
+            fresh = positions.device.type == "cpu" and int(positions[0]) == 0
+            mask = _training_mask(T, self.window, x.device) if fresh else \
                 _positions_mask(positions, positions, self.window)
         else:
             k, v, k_pos = cache.attend_and_store(k, v, positions)

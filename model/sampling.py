@@ -265,7 +265,8 @@ def _context_tensor(
             if ctx.is_floating_point() or ctx.dtype == torch.bool:
                 raise TypeError(f"context ids must be an integer tensor, got {ctx.dtype}")
             ctx = ctx.long()
-        ctx = ctx.to(device, non_blocking=True)
+        # non_blocking only towards an accelerator: a non-blocking GPU -> CPU copy may be read before it lands
+        ctx = ctx.to(device, non_blocking=device.type != "cpu")
     else:
         rows = list(context_ids)
         if rows and not isinstance(rows[0], (int,)) and hasattr(rows[0], "__len__"):
