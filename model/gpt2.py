@@ -28,7 +28,9 @@ class GPT2Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, self.hd).permute(2, 0, 3, 1, 4)  # 3x [B,H,T,hd]
-        if cache is None and int(positions[0]) == 0:
+        # positions[0] is read on the CPU only: on a GPU it would be a host sync in every layer, and the
+        # general masked path below gives the same result.
+        if cache is None and positions.device.type == "cpu" and int(positions[0]) == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k_pos = positions

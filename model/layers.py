@@ -171,7 +171,8 @@ _MASKS: dict[tuple, torch.Tensor] = {}
 def _training_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
     """Boolean mask [T, 1+T] for a fresh sequence: the sink column then causal (and windowed) keys. Cached, so
     the training loop never rebuilds it."""
-    key = (T, window, str(device))
+    # A mask made under inference_mode is an inference tensor, which autograd may refuse to save: key on it.
+    key = (T, window, str(device), torch.is_inference_mode_enabled())
     m = _MASKS.get(key)
     if m is None:
         pos = torch.arange(T, device=device)
