@@ -62,9 +62,13 @@ def test_card_score_is_recomputed_and_beats_the_anchor(shipped):
 
 def test_default_settings_write_a_story_that_ends_or_fills_the_budget(shipped):
     from model.generation import Generator
-    from model.sampling import SamplingParams
+    from model.sampling import PRESETS, SamplingParams
 
     model, tok, card = shipped
+    # The card's samples use the app's default story settings (the Balanced preset), not a flattering choice.
+    balanced = PRESETS["Balanced"]
+    assert {k: v for k, v in card["sample_settings"].items() if k != "max_new_tokens"} == {
+        k: getattr(balanced, k) for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
     gen = Generator(model, tok)
     res = gen.generate("Once upon a time, there was a little dog named Max.",
                        SamplingParams(seed=7, max_new_tokens=80, **{k: v for k, v in card["sample_settings"].items()
