@@ -210,9 +210,20 @@ def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: tor
     ka = F.pad(k, (0, pad, 1, 0))  # zero row in front = the virtual key
     ka[:, :, 0, hd] = 1.0
     va = F.pad(v, (0, pad, 1, 0))  # same head dim as q/k, or SDPA leaves its fused kernel (2.5x slower on CPU)
-    out = F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and _repeat_kv_for_masked_gqa(q.device):
+        g = q.shape[1] // k.shape[1]
+        ka, va, gqa = ka.repeat_interleave(g, dim=1), va.repeat_interleave(g, dim=1), False
+    out = F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[..., :hd]
+
+
+def _repeat_kv_for_masked_gqa(device: torch.device) -> bool:
+    """On CUDA, SDPA's fused kernels do not take a mask together with enable_gqa (flash takes no mask, and the
+    memory-efficient kernel gained GQA only recently), so it would fall back to the math kernel, which materialises
+    every [T, S] score matrix. Repeating the key/value heads keeps the memory-efficient kernel. On CPU the fused
+    kernel takes both, measured faster than repeating."""
+    return device.type == "cuda"
 
 
 _FEW_QUERIES = 4  # decode steps: two small matmuls beat the fused kernel's fixed cost per call

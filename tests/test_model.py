@@ -105,7 +105,11 @@ def test_sliding_window_limits_what_even_layers_see():
     assert not torch.allclose(a[0, 3:6], b[0, 3:6], atol=1e-6)
 
 
-def test_sink_attention_matches_the_written_formula():
+@pytest.mark.parametrize("repeat_kv", [False, True], ids=["enable_gqa", "repeated-kv (the CUDA path)"])
+def test_sink_attention_matches_the_written_formula(repeat_kv, monkeypatch):
+    from model import layers
+
+    monkeypatch.setattr(layers, "_repeat_kv_for_masked_gqa", lambda device: repeat_kv)
     torch.manual_seed(0)
     B, Hq, Hkv, T, hd = 2, 4, 2, 6, 8
     q, k, v = torch.randn(B, Hq, T, hd), torch.randn(B, Hkv, T, hd), torch.randn(B, Hkv, T, hd)
