@@ -135,10 +135,6 @@ class ExtrasMixin:
         return counts
 
     # ---- shared pieces --------------------------------------------------------------------------------------
-    def unembed(self, h: torch.Tensor) -> torch.Tensor:
-        head = self.unembedding if isinstance(self, Transformer) else self.lm_head
-        return head(h)
-
     def mtp_hidden(self, h: torch.Tensor) -> list[torch.Tensor]:
         """Hidden states of each extra head ([B, T, D] each); element i is for offset k = i + 2."""
         if self.mtp is None:

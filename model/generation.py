@@ -188,7 +188,8 @@ class _DecodeRun:
         with torch.inference_mode():
             if not isinstance(ids, torch.Tensor):
                 ids = torch.tensor([ids], dtype=torch.long, device=self._device)
-            return self.model(ids, cache)[:, -1, :]
+            last_logits = getattr(self.model, "last_logits", None)  # ours: no unembedding of the other positions
+            return last_logits(ids, cache) if last_logits is not None else self.model(ids, cache)[:, -1, :]
 
     def _fresh_prefill(self, ids: list[int]) -> tuple[Any, torch.Tensor]:
         with torch.inference_mode():

@@ -109,6 +109,9 @@ class GPT2(CausalLM):
             cache.length += T
         return self.ln_f(x)
 
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h)
+
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, cache))
 

@@ -150,7 +150,7 @@ def plain_generate(model: Any, prompt_ids: Sequence[int], params: SamplingParams
     trims = 0
     cache = model.new_cache(1)
     feed = ids if len(ids) < W else ids[-keep:]
-    logits = model(torch.tensor([feed], device=dev), cache)[:, -1]
+    logits = model.last_logits(torch.tensor([feed], device=dev), cache)
     rounds, reason = 1, "max_tokens"
     while len(out) < params.max_new_tokens:
         tok = int(sample_next(logits, torch.tensor([ids], device=dev), params, generator)[0])
@@ -164,9 +164,9 @@ def plain_generate(model: Any, prompt_ids: Sequence[int], params: SamplingParams
         if cache.length >= W:
             cache = model.new_cache(1)
             trims += 1
-            logits = model(torch.tensor([ids[-keep:]], device=dev), cache)[:, -1]
+            logits = model.last_logits(torch.tensor([ids[-keep:]], device=dev), cache)
         else:
-            logits = model(torch.tensor([[tok]], device=dev), cache)[:, -1]
+            logits = model.last_logits(torch.tensor([[tok]], device=dev), cache)
         rounds += 1
     return DecodeResult(out, reason, time.perf_counter() - t0, rounds=rounds, trims=trims)
 

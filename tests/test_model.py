@@ -297,3 +297,21 @@ def test_not_a_checkpoint_directory(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gptoss", "gpt2"])
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "mtp"])
+def test_last_logits_is_the_last_row_of_forward_and_advances_the_cache(arch, extras):
+    """Generation prefills through last_logits, which unembeds only the last position."""
+    torch.manual_seed(0)
+    cfg = tiny(arch)
+    m = build_model(cfg.replace(mtp_heads=1)) if extras else build_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2)
+        last = m.last_logits(ids, cache)
+        assert last.shape == (2, cfg.vocab_size) and cache.length == 9
+        assert torch.allclose(last, full[:, -1], atol=1e-5)
+        nxt = torch.randint(0, cfg.vocab_size, (2, 1))
+        assert torch.allclose(m.last_logits(nxt, cache), m(torch.cat([ids, nxt], 1))[:, -1], atol=1e-5)
