@@ -481,6 +481,8 @@ class Trainer:
                                        else self.cfg.device)
         else:
             self.device = torch.device(self.cfg.device if self.cfg.device != "auto" else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # so the checks and allocations below are about the chosen GPU
         bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         if self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and bf16_ok):
             self.autocast_dtype = torch.bfloat16
@@ -653,7 +655,14 @@ class Trainer:
             self.data_gen.manual_seed(self.cfg.seed + 1000 * self.rank + self.step)
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            saved = state["cuda_rng"]
+            if len(saved) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(saved)
+            else:  # a different number of GPUs now: restore what matches, by index
+                self.log(f"note: checkpoint saved CUDA RNG states for {len(saved)} GPUs, "
+                         f"{torch.cuda.device_count()} visible now; restoring the first ones")
+                for i, rng in enumerate(saved[:torch.cuda.device_count()]):
+                    torch.cuda.set_rng_state(rng, i)
         self.last_val = json.loads(state.get("last_val") or "null")
         if self.doc_iter is not None and "doc_iter" in state:
             self.doc_iter.load_state_dict(json.loads(state["doc_iter"]))
