@@ -224,8 +224,7 @@ def wrap_ddp(model, device):
     rank is a slice of its layer's single expert tensor, which still receives a (zero) gradient there."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    # The only buffers are the RoPE tables, computed identically on every rank: no broadcast every forward.
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def unwrap(model):
