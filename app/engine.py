@@ -67,14 +67,10 @@ def pick_device() -> str:
 
 
 def free_memory_bytes(device: str) -> int:
-    """Memory free for a model on `device`: free GPU memory for CUDA, available RAM otherwise."""
-    if device.startswith("cuda"):
-        import torch
+    """Memory free for a model on `device` (model.gptoss_weights' measure, which the loader's check uses too)."""
+    from model.gptoss_weights import free_memory_bytes as free
 
-        return int(torch.cuda.mem_get_info()[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+    return free(device)
 
 
 def load_generator(entry: ModelEntry, device: str) -> Any:

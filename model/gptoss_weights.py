@@ -390,15 +390,23 @@ def estimate_load_memory(path: str | Path, fmt: str, expert_cache_bytes: int | N
     return dense + packed + (cache if packed else 0) + RUNTIME_OVERHEAD_BYTES
 
 
+def free_memory_bytes(device: str | torch.device) -> int:
+    """Memory free for a model on `device`: that GPU's free memory for CUDA, available RAM otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def check_memory(needed: int, expert_cache_bytes: int, available: int | None = None, where: str = "RAM") -> None:
     """Raise InsufficientMemoryError when `needed` bytes exceed `available` (default: available RAM, psutil's
     `available`; `where` names the memory in the message, e.g. "GPU memory")."""
     if os.environ.get(SKIP_CHECK_ENV, "").lower() in ("1", "true", "yes"):
         return
     if available is None:
-        import psutil
-
-        available = psutil.virtual_memory().available
+        available = free_memory_bytes("cpu")
     if needed > available:
         raise InsufficientMemoryError(
             f"loading this model needs ~{needed / GiB:.1f} GiB of {where}, {available / GiB:.1f} GiB available "
@@ -439,19 +447,12 @@ def load_gpt_oss(path: Path, fmt: str, device: str | torch.device = "cpu", dtype
         if packed_any:
             E, D, I, L = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
             decoded = L * E * 3 * D * I * torch.empty((), dtype=dtype).element_size()
-            if device.type == "cuda":
-                free = torch.cuda.mem_get_info(device)[0]
-            else:
-                import psutil
-
-                free = psutil.virtual_memory().available
-            if decoded > 0.5 * free:
+            if decoded > 0.5 * free_memory_bytes(device):
                 experts = "packed"
     if check_available_memory and device.type in ("cpu", "cuda"):
         on_gpu = device.type == "cuda"
         check_memory(estimate_load_memory(path, fmt, cache_bytes, experts, dtype), cache_bytes,
-                     available=torch.cuda.mem_get_info(device)[0] if on_gpu else None,
-                     where="GPU memory" if on_gpu else "RAM")
+                     available=free_memory_bytes(device) if on_gpu else None, where="GPU memory" if on_gpu else "RAM")
     plain = src.plain()
     cache = DecodedExpertCache(cache_bytes)
 
