@@ -112,9 +112,6 @@ class GPT2(CausalLM):
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
 
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, cache))
-
     @property
     def aux_loss(self) -> torch.Tensor:
         return self.wte.weight.new_zeros(())

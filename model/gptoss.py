@@ -53,9 +53,17 @@ class CausalLM(nn.Module):
     def new_cache(self, batch_size: int = 1, device=None, dtype=None) -> ModelCache:
         raise NotImplementedError
 
+    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Final normalised hidden states [B, T, D] (what the unembedding reads)."""
+        raise NotImplementedError
+
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states."""
         raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for every position (the cache, when given, is read and extended)."""
+        return self.unembed(self.hidden_states(input_ids, cache))
 
     def last_logits(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """Logits of the last position only, [B, V]: what generation needs. A prefill then skips the unembedding
@@ -121,9 +129,6 @@ class Transformer(CausalLM):
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         return self.unembedding(h)
-
-    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        return self.unembedding(self.hidden_states(input_ids, cache))
 
     # ---- MoE bookkeeping for the trainer (forward's return value stays plain logits) ----------------------
     @property
