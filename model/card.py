@@ -19,8 +19,8 @@ PROMPTS = (
     "Tom and his dog went to the park.",
     "The old owl lived in a big tree.",
 )
-SAMPLE_SETTINGS = {"temperature": 0.7, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1,
-                   "max_new_tokens": 160}
+SAMPLE_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")  # the app's default preset, Balanced
+SAMPLE_TOKENS = 160
 TRAINING_KEYS = ("name", "note", "arch", "size", "tokenizer", "vocab_size", "data", "train_source", "steps",
                  "tokens_seen", "hardware", "world_size", "torch", "wall_time_s", "train_config")
 
@@ -33,7 +33,7 @@ def build_card(path: Path, valid: Path, test: Path, seed: int = 1234, max_docs: 
     from .data import iter_documents
     from .evaluate import evaluate_text
     from .generation import Generator
-    from .sampling import SamplingParams
+    from .sampling import PRESETS, SamplingParams
 
     model, tok, old = load_checkpoint(path)
     card = {k: old[k] for k in TRAINING_KEYS if k in old}
@@ -49,13 +49,13 @@ def build_card(path: Path, valid: Path, test: Path, seed: int = 1234, max_docs: 
         card[f"{split}_file"] = str(file)
         card[f"{split}_documents"] = len(docs)
     gen = Generator(model, tok)
-    params = SamplingParams(seed=seed, **SAMPLE_SETTINGS)
+    settings = {**{f: getattr(PRESETS["Balanced"], f) for f in SAMPLE_FIELDS}, "max_new_tokens": SAMPLE_TOKENS}
     card["samples"] = []
     for i, prompt in enumerate(PROMPTS):
-        res = gen.generate(prompt, SamplingParams(**{**params.to_dict(), "seed": seed + i}))
+        res = gen.generate(prompt, SamplingParams(seed=seed + i, **settings))
         card["samples"].append({"prompt": prompt, "continuation": res.text, "seed": res.seed,
                                 "stop_reason": res.stop_reason})
-    card["sample_settings"] = SAMPLE_SETTINGS
+    card["sample_settings"] = settings
     card["card_written"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return card
 
