@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .gptoss import CausalLM
-from .layers import LayerKVCache, ModelCache, _positions_mask
+from .layers import LayerKVCache, ModelCache, _positions_mask, starts_at_zero
 
 
 class GPT2Attention(nn.Module):
@@ -28,9 +28,7 @@ class GPT2Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_heads, self.hd).permute(2, 0, 3, 1, 4)  # 3x [B,H,T,hd]
-        # positions[0] is read on the CPU only: on a GPU it would be a host sync in every layer, and the
-        # general masked path below gives the same result.
-        if cache is None and positions.device.type == "cpu" and int(positions[0]) == 0:
+        if cache is None and starts_at_zero(positions):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k_pos = positions

@@ -183,6 +183,12 @@ def _training_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
     return m
 
 
+def starts_at_zero(positions: torch.Tensor) -> bool:
+    """Whether a cache-less forward may use the fixed causal mask of arange(T). Read on the CPU only: on a GPU
+    reading positions[0] is a host sync in every layer, and the general positions mask gives the same result."""
+    return positions.device.type == "cpu" and int(positions[0]) == 0
+
+
 def _positions_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     allowed = k_pos[None, :] <= q_pos[:, None]
     if window:
@@ -266,10 +272,7 @@ class AttentionBlock(nn.Module):
         v = qkv[..., q_len + kv_len:].view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = rope(q, positions), rope(k, positions)
         if cache is None:
-            # Off the CPU, reading positions[0] would be a host sync in every layer of every training step;
-            # the mask built from the positions is the same one (the cached mask is that of arange(T)).
-            fresh = positions.device.type == "cpu" and int(positions[0]) == 0
-            mask = _training_mask(T, self.window, x.device) if fresh else \
+            mask = _training_mask(T, self.window, x.device) if starts_at_zero(positions) else \
                 _positions_mask(positions, positions, self.window)
         else:
             k, v, k_pos = cache.attend_and_store(k, v, positions)
