@@ -9,6 +9,11 @@ import pytest
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"))
 
+# ../shared's TinyStories text (train/valid/test), beside the repository root.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+if not SHARED_DATA.exists():
+    SHARED_DATA = Path("/work/shared/data/tinystories")
+
 TINY_STORY_TEXT = (
     "Once upon a time, there was a little girl named Lily. She liked to play in the park with her red ball. "
     "One day, a big dog came and took the ball. Lily was sad, but the dog came back and gave it to her. "

@@ -11,10 +11,9 @@ import pytest
 
 from model import benchmark_compare as B
 from model.config import parameter_counts
+from tests.conftest import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
-if not SHARED.exists():
-    SHARED = Path("/work/shared/data/tinystories")
+SHARED = SHARED_DATA
 
 
 @pytest.mark.parametrize("size", sorted(B.SIZES))

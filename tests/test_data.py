@@ -27,8 +27,7 @@ from model.data import (
     resolve_data_source,
 )
 from model.tokenizer import Tokenizer
-
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories"
+from tests.conftest import SHARED_DATA
 
 
 class CharTokenizer(Tokenizer):

@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from model import evaluate as E
 from model.config import ModelConfig
 from model.gptoss import build_model
+from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "tinystories"
-if not SHARED.exists():
-    SHARED = Path("/work/shared/data/tinystories")
+SHARED = SHARED_DATA
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
         "head_dim": 16, "num_experts": 4, "experts_per_token": 2, "intermediate_size": 32, "sliding_window": 8}

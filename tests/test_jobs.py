@@ -14,10 +14,9 @@ import pytest
 
 from app import jobs
 from app.jobs import JobError, JobManager
+from tests.conftest import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
-if not SHARED.exists():
-    SHARED = Path("/work/shared/data/tinystories")
+SHARED = SHARED_DATA
 
 TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
               "head_dim": 16, "num_experts": 2, "experts_per_token": 1, "intermediate_size": 32,

@@ -12,6 +12,7 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.config import parameter_counts
+from tests.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "weights" / "default"
@@ -20,7 +21,7 @@ STORIES260K_TEST_BPB = 0.922  # llama2.c's stories260K on the same test.txt (REA
 
 def _data_dir() -> Path:
     env = os.environ.get("STORYFORGE_DATA_DIR")
-    candidates = ([Path(env)] if env else []) + [REPO.parent / "shared" / "data" / "tinystories"]
+    candidates = ([Path(env)] if env else []) + [SHARED_DATA]
     for c in candidates:
         if (c / "test.txt").is_file():
             return c

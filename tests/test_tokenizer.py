@@ -23,8 +23,9 @@ from model.tokenizer import (  # noqa: E402
     load_tokenizer,
     train_sentencepiece,
 )
+from tests.conftest import SHARED_DATA  # noqa: E402
 
-VALID_TXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinystories" / "valid.txt"
+VALID_TXT = SHARED_DATA / "valid.txt"
 
 VARIED = [
     "Once upon a time, there was a little girl named Lily.",

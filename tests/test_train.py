@@ -20,10 +20,9 @@ import torch
 from model import train as T
 from model.config import ModelConfig
 from model.gptoss import build_model
+from tests.conftest import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
-if not SHARED.exists():
-    SHARED = Path("/work/shared/data/tinystories")
+SHARED = SHARED_DATA
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
