@@ -352,24 +352,30 @@ def test_cli_sigint_stops_gracefully_and_failure_is_recorded(tiny_data, cache_di
 
 
 # ---- distributed ----------------------------------------------------------------------------------------------
-def _ddp_worker(rank: int, world: int, init_file: str, x: torch.Tensor, out_file: str) -> None:
+def _gloo_worker(rank: int, world: int, init_file: str, body, *args) -> None:
+    """Run `body(rank, world, *args)` in a gloo process group, ended the way the trainer ends its own."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig.preset("toy", vocab_size=64).replace(**TINY_MODEL, max_context=32))
-        ddp = DDP(model)
-        opt = T.make_optimizer(model, T.TrainConfig(lr=1e-2))
-        half = x.shape[0] // world
-        xs = x[rank * half:(rank + 1) * half]
-        T.train_step(ddp, opt, [(xs[:, :-1], xs[:, 1:])], aux_coef=0.0, grad_clip=1.0)
-        if rank == 0:
-            torch.save(model.state_dict(), out_file)
+        body(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        T.end_process_group()
+
+
+def _ddp_combined_batch(rank: int, world: int, x: torch.Tensor, out_file: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("toy", vocab_size=64).replace(**TINY_MODEL, max_context=32))
+    ddp = DDP(model)
+    opt = T.make_optimizer(model, T.TrainConfig(lr=1e-2))
+    half = x.shape[0] // world
+    xs = x[rank * half:(rank + 1) * half]
+    T.train_step(ddp, opt, [(xs[:, :-1], xs[:, 1:])], aux_coef=0.0, grad_clip=1.0)
+    if rank == 0:
+        torch.save(model.state_dict(), out_file)
 
 
 def test_ddp_two_gloo_processes_match_one_process_on_combined_batch(tmp_path):
@@ -377,7 +383,8 @@ def test_ddp_two_gloo_processes_match_one_process_on_combined_batch(tmp_path):
 
     x = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(5))
     out_file = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, out_file), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), _ddp_combined_batch, x, out_file), nprocs=2,
+             join=True)
     torch.manual_seed(0)
     model = build_model(ModelConfig.preset("toy", vocab_size=64).replace(**TINY_MODEL, max_context=32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -394,31 +401,24 @@ def test_ddp_two_gloo_processes_match_one_process_on_combined_batch(tmp_path):
     assert moved > 10  # the step really changed the weights
 
 
-def _ddp_idle_expert_worker(rank: int, world: int, init_file: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig.preset("toy", vocab_size=64).replace(**TINY_MODEL, max_context=32))
-        with torch.no_grad():
-            for blk in model.block:  # expert 0 is never routed to: its weights get no gradient
-                blk.mlp.gate.bias[0] = -1e4
-        ddp = T.wrap_ddp(model, torch.device("cpu"))
-        opt = T.make_optimizer(model, T.TrainConfig(lr=1e-2))
-        x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(rank))
-        for _ in range(3):  # DDP reports parameters left without gradient at the following step
-            T.train_step(ddp, opt, [(x[:, :-1], x[:, 1:])], aux_coef=0.0, grad_clip=1.0)
-    finally:
-        dist.destroy_process_group()
+def _ddp_idle_expert(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("toy", vocab_size=64).replace(**TINY_MODEL, max_context=32))
+    with torch.no_grad():
+        for blk in model.block:  # expert 0 is never routed to: its weights get no gradient
+            blk.mlp.gate.bias[0] = -1e4
+    ddp = T.wrap_ddp(model, torch.device("cpu"))
+    opt = T.make_optimizer(model, T.TrainConfig(lr=1e-2))
+    x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(rank))
+    for _ in range(3):  # DDP reports parameters left without gradient at the following step
+        T.train_step(ddp, opt, [(x[:, :-1], x[:, 1:])], aux_coef=0.0, grad_clip=1.0)
 
 
 def test_ddp_trains_an_moe_whose_expert_got_no_tokens(tmp_path):
     """Guards the experts' layout: were they separate parameters, an idle expert would break DDP's reduction."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_idle_expert_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), _ddp_idle_expert), nprocs=2, join=True)
 
 
 # ---- the real thing -----------------------------------------------------------------------------------------
